@@ -1,0 +1,266 @@
+//! The memory cgroup of a process, with its limit and usage, on cgroup v1 or v2.
+//!
+//! v1 (`memory.limit_in_bytes`, `memory.usage_in_bytes`, `hierarchical_memory_limit` in
+//! `memory.stat`) and v2 (`memory.max`, `memory.high`, `memory.current`) are read following
+//! Documentation/admin-guide/cgroup-v1/memory.rst and cgroup-v2.rst. Hybrid hosts (v1 memory
+//! controller beside a v2 mount without it, like this project's CI machines) use v1.
+
+use std::{
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::{CollectError, open};
+
+/// The cgroup interface version a memory cgroup belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupVersion {
+    V1,
+    V2,
+}
+
+/// Where the memory controller is mounted on this host.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CgroupLayout {
+    /// Mount point of a v1 hierarchy with the memory controller.
+    pub v1_memory: Option<PathBuf>,
+    /// Mount point of the v2 hierarchy.
+    pub v2: Option<PathBuf>,
+    /// Controllers available at the v2 root (`cgroup.controllers`).
+    pub v2_controllers: Vec<String>,
+}
+
+impl CgroupLayout {
+    /// Reads the mounts of this host (through our own mountinfo).
+    pub fn detect() -> Self {
+        let mut layout = CgroupLayout::default();
+        let Ok(mounts) = procfs::process::Process::myself().and_then(|me| me.mountinfo()) else {
+            return layout;
+        };
+        for mount in mounts {
+            match mount.fs_type.as_str() {
+                "cgroup" if mount.super_options.contains_key("memory") => {
+                    layout.v1_memory.get_or_insert(mount.mount_point);
+                }
+                "cgroup2" if layout.v2.is_none() => {
+                    layout.v2_controllers =
+                        fs::read_to_string(mount.mount_point.join("cgroup.controllers"))
+                            .map(|s| s.split_whitespace().map(str::to_owned).collect())
+                            .unwrap_or_default();
+                    layout.v2 = Some(mount.mount_point);
+                }
+                _ => {}
+            }
+        }
+        layout
+    }
+
+    /// The hierarchy that carries the memory controller, and its mount point.
+    pub fn memory_hierarchy(&self) -> Option<(CgroupVersion, &Path)> {
+        if let Some(v1) = &self.v1_memory {
+            return Some((CgroupVersion::V1, v1));
+        }
+        let v2 = self.v2.as_deref()?;
+        self.v2_controllers
+            .iter()
+            .any(|c| c == "memory")
+            .then_some((CgroupVersion::V2, v2))
+    }
+}
+
+/// A memory cgroup and what it allows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryCgroup {
+    pub version: CgroupVersion,
+    /// Path inside the hierarchy, as in `/proc/<pid>/cgroup` (e.g. `/system.slice/x.service`).
+    pub path: String,
+    /// The cgroup's own hard limit (`memory.max` / `memory.limit_in_bytes`); None = unlimited.
+    pub limit_bytes: Option<u64>,
+    /// The cgroup's current charge (`memory.current` / `memory.usage_in_bytes`).
+    pub usage_bytes: Option<u64>,
+    /// The tightest hard limit of this cgroup and its ancestors: what the OOM killer enforces.
+    pub effective_limit_bytes: Option<u64>,
+    /// v2 `memory.high` (throttling threshold); None = unlimited or v1.
+    pub high_bytes: Option<u64>,
+}
+
+/// Reads the memory cgroup of `pid`; `Ok(None)` if the host has no memory controller.
+pub fn memory_cgroup(
+    pid: u32,
+    layout: &CgroupLayout,
+) -> Result<Option<MemoryCgroup>, CollectError> {
+    let Some((version, mount)) = layout.memory_hierarchy() else {
+        return Ok(None);
+    };
+    let groups = open(pid)?
+        .cgroups()
+        .map_err(|e| CollectError::from_proc(pid, "cgroup", e))?;
+    let path = groups.0.into_iter().find_map(|g| match version {
+        CgroupVersion::V1 => g
+            .controllers
+            .iter()
+            .any(|c| c == "memory")
+            .then_some(g.pathname),
+        CgroupVersion::V2 => (g.hierarchy == 0).then_some(g.pathname),
+    });
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    Ok(Some(read_memory_cgroup(version, mount, &path)))
+}
+
+/// Reads the limit files of the cgroup at `path` below the hierarchy mounted at `mount`.
+pub fn read_memory_cgroup(version: CgroupVersion, mount: &Path, path: &str) -> MemoryCgroup {
+    let dir = mount.join(path.trim_start_matches('/'));
+    match version {
+        CgroupVersion::V1 => {
+            let limit = read_u64(&dir.join("memory.limit_in_bytes")).and_then(v1_limit);
+            let effective = fs::read_to_string(dir.join("memory.stat"))
+                .ok()
+                .and_then(|stat| stat_field(&stat, "hierarchical_memory_limit"))
+                .and_then(v1_limit);
+            MemoryCgroup {
+                version,
+                path: path.to_owned(),
+                limit_bytes: limit,
+                usage_bytes: read_u64(&dir.join("memory.usage_in_bytes")),
+                effective_limit_bytes: effective.or(limit),
+                high_bytes: None,
+            }
+        }
+        CgroupVersion::V2 => {
+            let limit = read_v2_limit(&dir.join("memory.max"));
+            // The tightest memory.max from here up to the hierarchy root.
+            let mut effective = limit;
+            let mut ancestor = dir.parent();
+            while let Some(current) = ancestor.filter(|a| a.starts_with(mount) && *a != mount) {
+                if let Some(l) = read_v2_limit(&current.join("memory.max")) {
+                    effective = Some(effective.map_or(l, |e| e.min(l)));
+                }
+                ancestor = current.parent();
+            }
+            MemoryCgroup {
+                version,
+                path: path.to_owned(),
+                limit_bytes: limit,
+                usage_bytes: read_u64(&dir.join("memory.current")),
+                effective_limit_bytes: effective,
+                high_bytes: read_v2_limit(&dir.join("memory.high")),
+            }
+        }
+    }
+}
+
+/// Finds the path of the memory cgroup whose kernfs id (= directory inode) is `id`.
+pub fn path_by_id(layout: &CgroupLayout, id: u64) -> Option<String> {
+    let (_, mount) = layout.memory_hierarchy()?;
+    find_inode(mount, mount, id, 0)
+}
+
+fn find_inode(root: &Path, dir: &Path, id: u64, depth: u32) -> Option<String> {
+    if fs::metadata(dir).ok()?.ino() == id {
+        let relative = dir.strip_prefix(root).ok()?;
+        return Some(format!("/{}", relative.display()));
+    }
+    if depth >= 32 {
+        return None;
+    }
+    fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
+        .find_map(|entry| find_inode(root, &entry.path(), id, depth + 1))
+}
+
+/// v1 reports "no limit" as PAGE_COUNTER_MAX pages (0x7FFFFFFFFFFFF000 with 4 KiB pages);
+/// anything at or above 2^62 is that sentinel, whatever the page size.
+fn v1_limit(raw: u64) -> Option<u64> {
+    (raw < 1 << 62).then_some(raw)
+}
+
+/// v2 limits are a byte count or the word `max`.
+fn read_v2_limit(path: &Path) -> Option<u64> {
+    let text = fs::read_to_string(path).ok()?;
+    parse_v2_limit(&text)
+}
+
+fn parse_v2_limit(text: &str) -> Option<u64> {
+    match text.trim() {
+        "max" => None,
+        value => value.parse().ok(),
+    }
+}
+
+fn read_u64(path: &Path) -> Option<u64> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// A `key value` line of a cgroup stat file.
+fn stat_field(stat: &str, key: &str) -> Option<u64> {
+    stat.lines().find_map(|line| {
+        let (k, v) = line.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v1_unlimited_sentinel_is_none() {
+        assert_eq!(v1_limit(9_223_372_036_854_771_712), None);
+        assert_eq!(v1_limit(64 << 20), Some(64 << 20));
+    }
+
+    #[test]
+    fn v2_max_is_none_and_numbers_parse() {
+        assert_eq!(parse_v2_limit("max\n"), None);
+        assert_eq!(parse_v2_limit("67108864\n"), Some(64 << 20));
+        assert_eq!(parse_v2_limit("garbage"), None);
+    }
+
+    /// v2 semantics on a directory tree laid out as cgroup-v2.rst documents: the effective
+    /// limit is the tightest `memory.max` of the cgroup and its ancestors.
+    #[test]
+    fn v2_effective_limit_is_the_tightest_ancestor() {
+        let root = std::env::temp_dir().join(format!("infermem-cg2-{}", std::process::id()));
+        let leaf = root.join("system.slice/llama.service");
+        fs::create_dir_all(&leaf).unwrap();
+        fs::write(root.join("system.slice/memory.max"), "1073741824\n").unwrap();
+        fs::write(leaf.join("memory.max"), "max\n").unwrap();
+        fs::write(leaf.join("memory.high"), "805306368\n").unwrap();
+        fs::write(leaf.join("memory.current"), "524288000\n").unwrap();
+
+        let cg = read_memory_cgroup(CgroupVersion::V2, &root, "/system.slice/llama.service");
+        assert_eq!(cg.limit_bytes, None);
+        assert_eq!(cg.effective_limit_bytes, Some(1 << 30));
+        assert_eq!(cg.high_bytes, Some(768 << 20));
+        assert_eq!(cg.usage_bytes, Some(500 << 20));
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// The real v1 memory controller of this host, on our own cgroup.
+    #[test]
+    fn reads_own_memory_cgroup() {
+        let layout = CgroupLayout::detect();
+        let cg = memory_cgroup(std::process::id(), &layout)
+            .unwrap()
+            .expect("this host has a memory controller");
+        assert!(cg.usage_bytes.unwrap() > 0);
+        let id = fs::metadata(
+            layout
+                .memory_hierarchy()
+                .unwrap()
+                .1
+                .join(cg.path.trim_start_matches('/')),
+        )
+        .unwrap()
+        .ino();
+        assert_eq!(path_by_id(&layout, id).as_deref(), Some(cg.path.as_str()));
+    }
+}

@@ -1,0 +1,12 @@
+//! infermem: sees each process's model memory from the kernel and predicts when it will not fit.
+//!
+//! Modules, one concern each:
+//! - [`probes`]: the eBPF probes (load, attach, read maps and events);
+//! - [`collect`]: what procfs and cgroupfs say about a process;
+//! - [`state`]: the per-process state built from both, which a daemon can keep live;
+//! - [`report`]: the `inspect` report (a serde type) and its text rendering;
+//! - [`inspect`]: sampling one process for `infermem inspect`;
+//! - [`doctor`]: checks of the kernel features infermem needs or can use.
+
+pub mod collect;
+pub mod probes;

@@ -1,0 +1,415 @@
+//! The kernel probes, from userspace: load and attach them with aya, then read their maps.
+//!
+//! [`Probes::load`] checks what it needs first (privileges, BTF), so that a missing feature is
+//! a clear [`ProbeError`] rather than a verifier log.
+
+pub mod events;
+pub mod offsets;
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Btf, Ebpf, EbpfLoader, Endianness,
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::BtfTracePoint,
+};
+use infermem_common::{
+    BUCKET_SHIFT, BucketKey, FaultCounters, FileBucket, KernelOffsets, Probe, ProbeStats,
+    ProcMemory, SyscallArgs, SyscallNumbers, global_names, map_names,
+};
+
+pub use events::{EventDetail, KernelEvent, OomVictim};
+
+/// The compiled probes, built by `build.rs` from `ebpf/infermem-ebpf`.
+static PROBES_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/infermem-ebpf"));
+
+/// Where the running kernel publishes its BTF.
+pub const DEFAULT_BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
+
+/// Why the probes could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(
+        "no kernel BTF at {path}: infermem's probes attach through BTF (CONFIG_DEBUG_INFO_BTF=y) ({reason})"
+    )]
+    NoBtf { path: PathBuf, reason: String },
+    #[error("not permitted to load eBPF programs: {0}")]
+    NotPermitted(String),
+    #[error("unsupported architecture {0}: the probes know syscall numbers for x86_64 and aarch64")]
+    Architecture(&'static str),
+    #[error("loading the eBPF object: {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("loading or attaching the {probe} probe (tracepoint {tracepoint}): {source}")]
+    Program {
+        probe: &'static str,
+        tracepoint: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("the eBPF object has no usable map {0}")]
+    Map(&'static str),
+}
+
+/// Options for [`Probes::load`].
+#[derive(Debug, Clone)]
+pub struct ProbeOptions {
+    /// Kernel BTF to resolve tracepoints and structure offsets with.
+    pub btf_path: PathBuf,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        ProbeOptions {
+            btf_path: PathBuf::from(DEFAULT_BTF_PATH),
+        }
+    }
+}
+
+/// Counts of live entries in the per-process maps (to show nothing leaks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MapOccupancy {
+    pub fault_counters: usize,
+    pub proc_memory: usize,
+    pub file_buckets: usize,
+    pub syscall_args: usize,
+}
+
+/// The loaded and attached probes, and typed handles on their maps.
+pub struct Probes {
+    /// Owns the programs and their links; dropping it detaches everything.
+    _ebpf: Ebpf,
+    faults: PerCpuHashMap<MapData, u32, FaultCounters>,
+    memory: HashMap<MapData, u32, ProcMemory>,
+    buckets: HashMap<MapData, BucketKey, FileBucket>,
+    syscall_args: HashMap<MapData, u32, SyscallArgs>,
+    epoch: Array<MapData, u64>,
+    stats: PerCpuArray<MapData, ProbeStats>,
+    events: Option<RingBuf<MapData>>,
+    offsets: KernelOffsets,
+}
+
+impl Probes {
+    /// Checks privileges and BTF, loads the probes and attaches all of them.
+    pub fn load(options: &ProbeOptions) -> Result<Probes, ProbeError> {
+        check_privileges()?;
+        let syscalls = syscall_numbers()?;
+        let (aya_btf, offsets) = load_btf(&options.btf_path)?;
+
+        let cpus =
+            aya::util::nr_cpus().map_err(|(_, e)| ProbeError::NotPermitted(e.to_string()))?;
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&aya_btf))
+            .override_global(global_names::KERNEL_OFFSETS, &offsets, true)
+            .override_global(global_names::SYSCALL_NUMBERS, &syscalls, true)
+            .map_max_entries(map_names::FAULTS, fault_map_entries(cpus))
+            .load(PROBES_OBJECT)
+            .map_err(|e| ProbeError::Load(Box::new(e)))?;
+
+        for probe in Probe::ALL {
+            attach(&mut ebpf, &aya_btf, probe)?;
+        }
+
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(ProbeError::Map(name));
+        let faults = PerCpuHashMap::try_from(take(map_names::FAULTS)?)
+            .map_err(|_| ProbeError::Map(map_names::FAULTS))?;
+        let memory = HashMap::try_from(take(map_names::PROC_MEMORY)?)
+            .map_err(|_| ProbeError::Map(map_names::PROC_MEMORY))?;
+        let buckets = HashMap::try_from(take(map_names::FILE_BUCKETS)?)
+            .map_err(|_| ProbeError::Map(map_names::FILE_BUCKETS))?;
+        let syscall_args = HashMap::try_from(take(map_names::SYSCALL_ARGS)?)
+            .map_err(|_| ProbeError::Map(map_names::SYSCALL_ARGS))?;
+        let epoch = Array::try_from(take(map_names::BUCKET_EPOCH)?)
+            .map_err(|_| ProbeError::Map(map_names::BUCKET_EPOCH))?;
+        let stats = PerCpuArray::try_from(take(map_names::PROBE_STATS)?)
+            .map_err(|_| ProbeError::Map(map_names::PROBE_STATS))?;
+        let events = RingBuf::try_from(take(map_names::EVENTS)?)
+            .map_err(|_| ProbeError::Map(map_names::EVENTS))?;
+        Ok(Probes {
+            _ebpf: ebpf,
+            faults,
+            memory,
+            buckets,
+            syscall_args,
+            epoch,
+            stats,
+            events: Some(events),
+            offsets,
+        })
+    }
+
+    /// The structure offsets the probes were given.
+    pub fn kernel_offsets(&self) -> &KernelOffsets {
+        &self.offsets
+    }
+
+    /// Fault counters of `tgid` summed over CPUs; None if the process has not faulted since
+    /// the probes were attached.
+    pub fn fault_counters(&self, tgid: u32) -> Option<FaultCounters> {
+        let per_cpu = self.faults.get(&tgid, 0).ok()?;
+        Some(
+            per_cpu
+                .iter()
+                .fold(FaultCounters::default(), |sum, c| FaultCounters {
+                    faults: sum.faults + c.faults,
+                    file_faults: sum.file_faults + c.file_faults,
+                    ..sum
+                }),
+        )
+    }
+
+    /// Memory-syscall accounting of `tgid`, if it made a memory syscall since attach.
+    pub fn proc_memory(&self, tgid: u32) -> Option<ProcMemory> {
+        self.memory.get(&tgid, 0).ok()
+    }
+
+    /// Faults recorded in the buckets of `tgid` that belong to the mapping `[start, end)`.
+    pub fn mapping_faults(&self, tgid: u32, start: u64, end: u64) -> u64 {
+        bucket_range(start, end)
+            .filter_map(|bucket| self.buckets.get(&bucket_key(tgid, bucket), 0).ok())
+            .filter(|b| b.start < end && b.end > start)
+            .map(|b| b.faults)
+            .sum()
+    }
+
+    /// Records an existing large file mapping of `tgid` (found in /proc at start-up), so that
+    /// faults in it are attributed like those of mappings the probes saw being created.
+    pub fn track_file_mapping(&mut self, tgid: u32, start: u64, end: u64) -> io::Result<()> {
+        let mut added = 0;
+        for bucket in bucket_range(start, end) {
+            let key = bucket_key(tgid, bucket);
+            if self.buckets.get(&key, 0).is_err() {
+                added += 1;
+            }
+            let value = FileBucket {
+                start,
+                end,
+                faults: 0,
+            };
+            self.buckets
+                .insert(key, value, 0)
+                .map_err(io::Error::other)?;
+        }
+        if added == 0 {
+            return Ok(());
+        }
+        // Read-modify-write of the per-process count: the probes update it atomically, so a
+        // concurrent mmap of the same process at this instant could be lost; that would only
+        // leave the fault gate on longer than needed.
+        let mut memory = self.memory.get(&tgid, 0).unwrap_or_default();
+        memory.file_buckets += added;
+        self.memory
+            .insert(tgid, memory, 0)
+            .map_err(io::Error::other)?;
+        let epoch = self.epoch.get(&0, 0).map_err(io::Error::other)?;
+        self.epoch.set(0, epoch + 1, 0).map_err(io::Error::other)
+    }
+
+    /// Health counters of each probe, summed over CPUs.
+    pub fn probe_stats(&self) -> Vec<(Probe, ProbeStats)> {
+        Probe::ALL
+            .into_iter()
+            .map(|probe| {
+                let sum = self
+                    .stats
+                    .get(&(probe as u32), 0)
+                    .map(|per_cpu| {
+                        per_cpu
+                            .iter()
+                            .fold(ProbeStats::default(), |s, c| ProbeStats {
+                                events: s.events + c.events,
+                                ringbuf_drops: s.ringbuf_drops + c.ringbuf_drops,
+                                map_drops: s.map_drops + c.map_drops,
+                                unmatched: s.unmatched + c.unmatched,
+                            })
+                    })
+                    .unwrap_or_default();
+                (probe, sum)
+            })
+            .collect()
+    }
+
+    /// Live entries in the per-process maps; with `tgid`, only that process's entries.
+    pub fn occupancy(&self, tgid: Option<u32>) -> MapOccupancy {
+        let matches = |t: u32| tgid.is_none_or(|want| want == t);
+        MapOccupancy {
+            fault_counters: self.faults.keys().flatten().filter(|t| matches(*t)).count(),
+            proc_memory: self.memory.keys().flatten().filter(|t| matches(*t)).count(),
+            file_buckets: self
+                .buckets
+                .keys()
+                .flatten()
+                .filter(|k| matches(k.tgid))
+                .count(),
+            // Keyed by thread id, so only the total is meaningful.
+            syscall_args: self.syscall_args.keys().flatten().count(),
+        }
+    }
+
+    /// Takes the event ring buffer (once) for an [`EventReader`].
+    pub fn take_event_reader(&mut self) -> Option<EventReader> {
+        self.events.take().map(|ring| EventReader { ring })
+    }
+}
+
+/// Reads the probes' ring buffer.
+pub struct EventReader {
+    ring: RingBuf<MapData>,
+}
+
+impl EventReader {
+    /// Decodes every event waiting in the buffer; undecodable records are counted, not fatal.
+    pub fn drain(&mut self) -> (Vec<KernelEvent>, usize) {
+        let mut decoded = Vec::new();
+        let mut undecodable = 0;
+        while let Some(item) = self.ring.next() {
+            match KernelEvent::decode(&item) {
+                Ok(event) => decoded.push(event),
+                Err(_) => undecodable += 1,
+            }
+        }
+        (decoded, undecodable)
+    }
+
+    /// The ring buffer's file descriptor, to wait on with epoll (e.g. tokio's `AsyncFd`).
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd as _;
+        self.ring.as_fd()
+    }
+}
+
+fn bucket_key(tgid: u32, bucket: u64) -> BucketKey {
+    BucketKey {
+        tgid,
+        _pad: 0,
+        bucket,
+    }
+}
+
+fn bucket_range(start: u64, end: u64) -> std::ops::RangeInclusive<u64> {
+    if end <= start {
+        #[allow(clippy::reversed_empty_ranges)]
+        return 1..=0;
+    }
+    (start >> BUCKET_SHIFT)..=((end - 1) >> BUCKET_SHIFT)
+}
+
+/// The FAULTS map is per-CPU and preallocated: keep it within about 16 MiB of kernel memory
+/// however many CPUs the host has (LRU eviction handles the rest).
+fn fault_map_entries(cpus: usize) -> u32 {
+    const BUDGET: usize = 16 << 20;
+    let per_entry = size_of::<FaultCounters>() * cpus.max(1);
+    (BUDGET / per_entry).clamp(1024, 65536) as u32
+}
+
+fn syscall_numbers() -> Result<SyscallNumbers, ProbeError> {
+    match std::env::consts::ARCH {
+        "x86_64" => Ok(SyscallNumbers::X86_64),
+        "aarch64" => Ok(SyscallNumbers::AARCH64),
+        other => Err(ProbeError::Architecture(other)),
+    }
+}
+
+fn load_btf(path: &Path) -> Result<(Btf, KernelOffsets), ProbeError> {
+    let no_btf = |reason: String| ProbeError::NoBtf {
+        path: path.to_owned(),
+        reason,
+    };
+    if !path.exists() {
+        return Err(no_btf("the file does not exist".into()));
+    }
+    let aya_btf =
+        Btf::parse_file(path, Endianness::default()).map_err(|e| no_btf(e.to_string()))?;
+    let btf = btf_rs::Btf::from_file(path).map_err(|e| no_btf(e.to_string()))?;
+    Ok((aya_btf, offsets::resolve(&btf)))
+}
+
+fn attach(ebpf: &mut Ebpf, btf: &Btf, probe: Probe) -> Result<(), ProbeError> {
+    let fail = |source: aya::programs::ProgramError| ProbeError::Program {
+        probe: probe.program(),
+        tracepoint: probe.tracepoint(),
+        source: Box::new(source),
+    };
+    let program: &mut BtfTracePoint = ebpf
+        .program_mut(probe.program())
+        .ok_or(ProbeError::Map(probe.program()))?
+        .try_into()
+        .map_err(fail)?;
+    program.load(probe.tracepoint(), btf).map_err(fail)?;
+    program.attach().map_err(fail)?;
+    Ok(())
+}
+
+/// Loading tracing programs needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN).
+pub fn check_privileges() -> Result<(), ProbeError> {
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let caps = effective_capabilities()
+        .map_err(|e| ProbeError::NotPermitted(format!("cannot read our capabilities: {e}")))?;
+    let has = |cap: u32| caps & (1u64 << cap) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    Err(ProbeError::NotPermitted(format!(
+        "running as uid {uid} without CAP_BPF+CAP_PERFMON or CAP_SYS_ADMIN (run as root, or grant \
+         them with `setcap cap_bpf,cap_perfmon+ep`)"
+    )))
+}
+
+/// The effective capability set of this process (`CapEff` in /proc/self/status).
+pub fn effective_capabilities() -> io::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .ok_or_else(|| io::Error::other("no CapEff line in /proc/self/status"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Loads the real probes into the running kernel (needs root, as in CI) and checks that
+    /// faults of this very process are counted.
+    #[test]
+    fn loads_attaches_and_counts_our_faults() {
+        let probes = Probes::load(&ProbeOptions::default()).expect("probes load as root");
+        let me = std::process::id();
+        let before = probes.fault_counters(me).map_or(0, |c| c.faults);
+        // Fresh anonymous pages (not malloc, which may reuse pages already touched).
+        let len = 8 << 20;
+        // SAFETY: a private anonymous mapping we unmap below.
+        let block = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(block, libc::MAP_FAILED);
+        for page in 0..len / 4096 {
+            // SAFETY: inside the mapping.
+            unsafe { std::ptr::write_volatile((block as *mut u8).add(page * 4096), 1) };
+        }
+        // SAFETY: unmapping what we mapped.
+        unsafe { libc::munmap(block, len) };
+        let after = probes.fault_counters(me).expect("we faulted").faults;
+        assert!(after - before >= 2048, "counted {} faults", after - before);
+        assert!(
+            probes
+                .probe_stats()
+                .iter()
+                .any(|(p, s)| *p == Probe::PageFault && s.events > 0)
+        );
+    }
+}

@@ -1,0 +1,346 @@
+//! Types shared by infermem's kernel probes (`infermem-ebpf`) and the userspace agent.
+//!
+//! Everything here is `#[repr(C)]` plain data: the probes write it into BPF maps and the ring
+//! buffer, and the agent reads the same bytes back. The kernel side aggregates; only rare
+//! events (large mappings, exec, exit of a process with model mappings, OOM kills) travel on
+//! the ring buffer.
+#![no_std]
+
+/// Fault attribution works on 2 MiB buckets of the address space: `addr >> BUCKET_SHIFT`.
+pub const BUCKET_SHIFT: u32 = 21;
+
+/// File mappings at least this large get per-bucket fault attribution and a ring-buffer event;
+/// anonymous mappings and heap changes at least this large get an event.
+pub const LARGE_MAPPING_BYTES: u64 = 1 << 20;
+
+/// The most buckets one mapping may claim (2^20 buckets = 2 TiB), bounding the insert loop.
+pub const MAX_BUCKETS_PER_MAPPING: u32 = 1 << 20;
+
+/// Names of the BPF maps, as the agent looks them up.
+pub mod map_names {
+    /// Per-process, per-CPU fault counters ([`crate::FaultCounters`]), keyed by tgid.
+    pub const FAULTS: &str = "FAULTS";
+    /// Per-process syscall accounting ([`crate::ProcMemory`]), keyed by tgid.
+    pub const PROC_MEMORY: &str = "PROC_MEMORY";
+    /// Large file mappings by 2 MiB bucket ([`crate::BucketKey`] -> [`crate::FileBucket`]).
+    pub const FILE_BUCKETS: &str = "FILE_BUCKETS";
+    /// Syscall arguments saved on entry until the matching exit, keyed by thread id.
+    pub const SYSCALL_ARGS: &str = "SYSCALL_ARGS";
+    /// Per-CPU [`crate::ProbeStats`], indexed by [`crate::Probe`].
+    pub const PROBE_STATS: &str = "PROBE_STATS";
+    /// One `u64` that changes whenever any process gains or loses file buckets.
+    pub const BUCKET_EPOCH: &str = "BUCKET_EPOCH";
+    /// The ring buffer carrying [`crate::Event`]s.
+    pub const EVENTS: &str = "EVENTS";
+}
+
+/// Names of the globals the agent sets before loading.
+pub mod global_names {
+    /// [`crate::KernelOffsets`] resolved from the running kernel's BTF.
+    pub const KERNEL_OFFSETS: &str = "KERNEL_OFFSETS";
+    /// [`crate::SyscallNumbers`] of the running architecture.
+    pub const SYSCALL_NUMBERS: &str = "SYSCALL_NUMBERS";
+}
+
+/// Per-process fault counters. The map is per-CPU, so the probe never needs an atomic;
+/// userspace sums the CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultCounters {
+    /// All user-mode page faults (`exceptions:page_fault_user`).
+    pub faults: u64,
+    /// Faults whose address lies in a large file mapping (a model file, typically).
+    pub file_faults: u64,
+    /// The [`map_names::BUCKET_EPOCH`] value when `has_file_buckets` was last refreshed.
+    pub seen_epoch: u64,
+    /// Whether the process had file buckets at `seen_epoch` (0 or 1): gates the bucket lookup.
+    pub has_file_buckets: u64,
+}
+
+/// Per-process memory syscall accounting, shared across CPUs (updated with atomics).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcMemory {
+    /// Program break after the last successful `brk`, 0 until one is seen.
+    pub brk_last: u64,
+    /// Number of [`FileBucket`] entries this process owns.
+    pub file_buckets: u64,
+    pub mmap_calls: u64,
+    pub munmap_calls: u64,
+    pub mremap_calls: u64,
+    pub brk_calls: u64,
+    /// Bytes of successful anonymous (incl. shared anonymous) `mmap`s.
+    pub mmap_anon_bytes: u64,
+    /// Bytes of successful file-backed `mmap`s.
+    pub mmap_file_bytes: u64,
+    /// Bytes of successful `munmap`s.
+    pub munmap_bytes: u64,
+    /// Growth and shrinkage through `mremap`.
+    pub mremap_grow_bytes: u64,
+    pub mremap_shrink_bytes: u64,
+    /// Growth and shrinkage of the heap through `brk`.
+    pub brk_grow_bytes: u64,
+    pub brk_shrink_bytes: u64,
+    /// Memory syscalls that returned an error.
+    pub failed_calls: u64,
+}
+
+/// Key of [`map_names::FILE_BUCKETS`]: a process and a 2 MiB bucket of its address space.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BucketKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    /// `address >> BUCKET_SHIFT`.
+    pub bucket: u64,
+}
+
+/// The large file mapping covering a bucket, and the faults taken inside it in this bucket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileBucket {
+    /// Start and end (exclusive) of the file mapping this bucket belongs to.
+    pub start: u64,
+    pub end: u64,
+    /// Faults in `[start, end)` within this bucket (updated atomically).
+    pub faults: u64,
+}
+
+/// Syscall arguments saved at `sys_enter` for use at `sys_exit`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyscallArgs {
+    pub nr: u64,
+    pub args: [u64; 6],
+}
+
+/// The probes, as indexes of [`map_names::PROBE_STATS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probe {
+    SysEnter = 0,
+    SysExit = 1,
+    PageFault = 2,
+    Exec = 3,
+    Fork = 4,
+    Exit = 5,
+    OomVictim = 6,
+}
+
+impl Probe {
+    /// Every probe, in index order.
+    pub const ALL: [Probe; 7] = [
+        Probe::SysEnter,
+        Probe::SysExit,
+        Probe::PageFault,
+        Probe::Exec,
+        Probe::Fork,
+        Probe::Exit,
+        Probe::OomVictim,
+    ];
+
+    /// The kernel tracepoint the probe attaches to (BTF-enabled raw tracepoint name).
+    pub const fn tracepoint(self) -> &'static str {
+        match self {
+            Probe::SysEnter => "sys_enter",
+            Probe::SysExit => "sys_exit",
+            Probe::PageFault => "page_fault_user",
+            Probe::Exec => "sched_process_exec",
+            Probe::Fork => "sched_process_fork",
+            Probe::Exit => "sched_process_exit",
+            Probe::OomVictim => "mark_victim",
+        }
+    }
+
+    /// The BPF program implementing the probe.
+    pub const fn program(self) -> &'static str {
+        match self {
+            Probe::SysEnter => "sys_enter",
+            Probe::SysExit => "sys_exit",
+            Probe::PageFault => "page_fault_user",
+            Probe::Exec => "sched_process_exec",
+            Probe::Fork => "sched_process_fork",
+            Probe::Exit => "sched_process_exit",
+            Probe::OomVictim => "mark_victim",
+        }
+    }
+}
+
+/// Per-probe health counters (per CPU; userspace sums).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeStats {
+    /// Times the probe ran and handled an event of interest.
+    pub events: u64,
+    /// Ring-buffer events lost because the buffer was full.
+    pub ringbuf_drops: u64,
+    /// Map updates that failed (map full, or out of memory): state that was not recorded.
+    pub map_drops: u64,
+    /// Syscall exits with no saved entry (the probe attached mid-call, or the entry was evicted).
+    pub unmatched: u64,
+}
+
+/// Field offsets inside kernel structures, resolved by the agent from the running kernel's
+/// BTF and handed to the probes as a global: the Rust eBPF toolchain has no CO-RE relocations.
+/// An offset of [`KernelOffsets::MISSING`] means the field does not exist on this kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `task_struct.tgid`.
+    pub task_tgid: u32,
+    /// `task_struct.comm`.
+    pub task_comm: u32,
+    /// `task_struct.mm`.
+    pub task_mm: u32,
+    /// `task_struct.signal`.
+    pub task_signal: u32,
+    /// `task_struct.cgroups`.
+    pub task_cgroups: u32,
+    /// `signal_struct.oom_score_adj`.
+    pub signal_oom_score_adj: u32,
+    /// Offsets inside `mm_struct` of the RSS counters (file, anon, swap entries, shmem),
+    /// each a signed 64-bit page count.
+    pub mm_rss: [u32; 4],
+    /// Offset inside `css_set` of `subsys[memory_cgrp_id]`.
+    pub css_set_memory_subsys: u32,
+    /// `cgroup_subsys_state.cgroup`.
+    pub css_cgroup: u32,
+    /// `cgroup.kn`.
+    pub cgroup_kn: u32,
+    /// `kernfs_node.id`.
+    pub kernfs_node_id: u32,
+    /// 1 if `sched_process_exit` carries a `group_dead` argument (Linux 6.16+).
+    pub exit_has_group_dead: u32,
+    pub _pad: u32,
+}
+
+impl KernelOffsets {
+    /// Marks a field the running kernel does not have.
+    pub const MISSING: u32 = u32::MAX;
+
+    /// Offsets with every field missing: the probes then report only what needs no offsets.
+    pub const UNKNOWN: KernelOffsets = KernelOffsets {
+        task_tgid: Self::MISSING,
+        task_comm: Self::MISSING,
+        task_mm: Self::MISSING,
+        task_signal: Self::MISSING,
+        task_cgroups: Self::MISSING,
+        signal_oom_score_adj: Self::MISSING,
+        mm_rss: [Self::MISSING; 4],
+        css_set_memory_subsys: Self::MISSING,
+        css_cgroup: Self::MISSING,
+        cgroup_kn: Self::MISSING,
+        kernfs_node_id: Self::MISSING,
+        exit_has_group_dead: 0,
+        _pad: 0,
+    };
+}
+
+/// Syscall numbers of the running architecture, set by the agent before loading.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyscallNumbers {
+    pub mmap: u64,
+    pub munmap: u64,
+    pub mremap: u64,
+    pub brk: u64,
+}
+
+impl SyscallNumbers {
+    /// x86_64 numbers (arch/x86/entry/syscalls/syscall_64.tbl).
+    pub const X86_64: SyscallNumbers = SyscallNumbers {
+        mmap: 9,
+        munmap: 11,
+        mremap: 25,
+        brk: 12,
+    };
+    /// aarch64 numbers (include/uapi/asm-generic/unistd.h).
+    pub const AARCH64: SyscallNumbers = SyscallNumbers {
+        mmap: 222,
+        munmap: 215,
+        mremap: 216,
+        brk: 214,
+    };
+}
+
+/// `mmap` flags the probes look at (identical on x86_64 and aarch64).
+pub mod mmap_flags {
+    pub const MAP_SHARED: u64 = 0x01;
+    pub const MAP_ANONYMOUS: u64 = 0x20;
+}
+
+/// A rare event sent from the probes to the agent on the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// What happened, an [`EventKind`] as `u32` (raw, so any bytes decode safely); selects
+    /// the meaning of [`Event::args`].
+    pub kind: u32,
+    /// The process the event is about.
+    pub tgid: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when it happened.
+    pub time_ns: u64,
+    /// Kind-specific values, documented on each [`EventKind`] variant.
+    pub args: [u64; 6],
+    /// The task's `comm` (for `Exec`, `Exit` and `OomVictim`; zeroes otherwise).
+    pub comm: [u8; 16],
+}
+
+/// The kinds of [`Event`]. Argument layout per kind is given as `args[0..]`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A large `mmap` succeeded: `[addr, len, prot, flags, fd, pgoff]`; fd is -1 (as u64) for
+    /// anonymous memory.
+    Mmap = 1,
+    /// A large `munmap` succeeded: `[addr, len]`.
+    Munmap = 2,
+    /// An `mremap` moved or resized a large region: `[old_addr, old_len, new_addr, new_len]`.
+    Mremap = 3,
+    /// The heap grew or shrank by a large step through `brk`: `[old_brk, new_brk]`.
+    Brk = 4,
+    /// The process exec'd a new program: `[]`.
+    Exec = 5,
+    /// A process with large file mappings forked: `[child_tgid]`.
+    Fork = 6,
+    /// A process with large file mappings exited: `[]`.
+    Exit = 7,
+    /// The OOM killer chose this process: `[memcg_kernfs_id, rss_file_pages, rss_anon_pages,
+    /// swap_pages, rss_shmem_pages, oom_score_adj (i64 as u64)]`. Unknown values are u64::MAX.
+    OomVictim = 8,
+}
+
+impl EventKind {
+    /// Decodes a kind read from the ring buffer.
+    pub const fn from_u32(raw: u32) -> Option<EventKind> {
+        Some(match raw {
+            1 => EventKind::Mmap,
+            2 => EventKind::Munmap,
+            3 => EventKind::Mremap,
+            4 => EventKind::Brk,
+            5 => EventKind::Exec,
+            6 => EventKind::Fork,
+            7 => EventKind::Exit,
+            8 => EventKind::OomVictim,
+            _ => return None,
+        })
+    }
+}
+
+/// Marks an unknown value in [`Event::args`].
+pub const UNKNOWN_VALUE: u64 = u64::MAX;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)] structs of plain integers with explicit padding.
+    unsafe impl aya::Pod for FaultCounters {}
+    unsafe impl aya::Pod for ProcMemory {}
+    unsafe impl aya::Pod for BucketKey {}
+    unsafe impl aya::Pod for FileBucket {}
+    unsafe impl aya::Pod for SyscallArgs {}
+    unsafe impl aya::Pod for ProbeStats {}
+    unsafe impl aya::Pod for KernelOffsets {}
+    unsafe impl aya::Pod for SyscallNumbers {}
+    unsafe impl aya::Pod for Event {}
+}

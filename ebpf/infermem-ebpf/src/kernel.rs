@@ -1,0 +1,85 @@
+//! Reading kernel data: syscall registers, task fields at BTF-resolved offsets, atomics.
+
+use aya_ebpf::helpers::bpf_probe_read_kernel;
+use infermem_common::KernelOffsets;
+
+/// Slots (in `u64`s) of the six syscall arguments and the syscall number in `struct pt_regs`.
+#[cfg(bpf_target_arch = "x86_64")]
+mod regs {
+    /// di, si, dx, r10, r8, r9.
+    pub const ARGS: [usize; 6] = [14, 13, 12, 7, 9, 8];
+    /// orig_ax.
+    pub const NR: usize = 15;
+}
+#[cfg(bpf_target_arch = "aarch64")]
+mod regs {
+    /// x0..x5 (x0 is only intact on entry, which is where we read it).
+    pub const ARGS: [usize; 6] = [0, 1, 2, 3, 4, 5];
+    /// syscallno (an s32 in the low half of this slot).
+    pub const NR: usize = 35;
+}
+
+/// Reads the six syscall arguments from the `pt_regs` a syscall tracepoint receives.
+///
+/// # Safety
+/// `regs` must be the trusted `struct pt_regs *` argument of `sys_enter`/`sys_exit`.
+#[inline(always)]
+pub unsafe fn syscall_args(regs: *const u64) -> [u64; 6] {
+    let mut args = [0u64; 6];
+    let mut i = 0;
+    while i < 6 {
+        // SAFETY: the slot lies inside pt_regs; the verifier checks the access against BTF.
+        args[i] = unsafe { bpf_probe_read_kernel(regs.add(regs::ARGS[i])) }.unwrap_or(0);
+        i += 1;
+    }
+    args
+}
+
+/// Reads the syscall number from `pt_regs`.
+///
+/// # Safety
+/// As for [`syscall_args`].
+#[inline(always)]
+pub unsafe fn syscall_nr(regs: *const u64) -> u64 {
+    // SAFETY: the slot lies inside pt_regs.
+    let raw = unsafe { bpf_probe_read_kernel(regs.add(regs::NR)) }.unwrap_or(u64::MAX);
+    // On aarch64 the number is an s32 in the low half.
+    if cfg!(bpf_target_arch = "aarch64") {
+        raw & 0xffff_ffff
+    } else {
+        raw
+    }
+}
+
+/// Atomically adds `delta` to `*target` (wrapping; pass `delta.wrapping_neg()` to subtract).
+///
+/// # Safety
+/// `target` must point into a map value.
+#[inline(always)]
+pub unsafe fn atomic_add(target: *mut u64, delta: u64) {
+    // The BPF target has no compare-and-swap, so `AtomicU64::fetch_add` is not offered; the
+    // intrinsic lowers to BPF's native atomic add.
+    // SAFETY: map values are 8-byte aligned and live as long as the program runs.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            target, delta,
+        )
+    };
+}
+
+/// Reads a `T` at `base + offset` in kernel memory; `None` if the offset is unknown on this
+/// kernel or the read faults.
+#[inline(always)]
+pub fn read_field<T>(base: u64, offset: u32) -> Option<T> {
+    if base == 0 || offset == KernelOffsets::MISSING {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel tolerates bad addresses and returns an error.
+    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }.ok()
+}
+
+/// Reads a pointer field at `base + offset`; `None` if unknown or NULL.
+#[inline(always)]
+pub fn read_ptr(base: u64, offset: u32) -> Option<u64> {
+    read_field::<u64>(base, offset).filter(|&p| p != 0)
+}
