@@ -6,7 +6,13 @@
 //! - [`state`]: the per-process state built from both, which a daemon can keep live;
 //! - [`report`]: the `inspect` report (a serde type) and its text rendering;
 //! - [`inspect`]: sampling one process for `infermem inspect`;
-//! - [`doctor`]: checks of the kernel features infermem needs or can use.
+//! - [`doctor`]: checks of the kernel features infermem needs or can use;
+//! - [`units`]: byte sizes for people.
 
 pub mod collect;
+pub mod doctor;
+pub mod inspect;
 pub mod probes;
+pub mod report;
+pub mod state;
+pub mod units;

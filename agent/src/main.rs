@@ -1,1 +1,146 @@
-fn main() {}
+//! The `infermem` command line.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use infermem::{
+    doctor,
+    inspect::{self, InspectOptions},
+    probes::{DEFAULT_BTF_PATH, ProbeOptions},
+    report,
+};
+
+/// Keeps local and served AI models from being swapped out or OOM-killed.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Kernel BTF used to attach the probes and resolve kernel structures.
+    #[arg(long, global = true, default_value = DEFAULT_BTF_PATH, value_name = "PATH")]
+    btf: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Report one process's memory: RSS split, model mappings, fault rates, cgroup, OOM score.
+    Inspect {
+        /// The process to inspect.
+        pid: u32,
+        /// How long to sample fault rates and watch allocations, e.g. 2s, 500ms.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Print the JSON contract documented in the README instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Fail instead of falling back to procfs when eBPF is unavailable.
+        #[arg(long)]
+        require_ebpf: bool,
+    },
+    /// Check the kernel features infermem needs or can use.
+    Doctor {
+        /// Print the checks as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, scale) = if let Some(ms) = text.strip_suffix("ms") {
+        (ms, 1e-3)
+    } else if let Some(s) = text.strip_suffix('s') {
+        (s, 1.0)
+    } else if let Some(m) = text.strip_suffix('m') {
+        (m, 60.0)
+    } else {
+        (text, 1.0)
+    };
+    let seconds: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (examples: 2s, 500ms, 1m)"))?;
+    if !(seconds * scale).is_finite() || seconds <= 0.0 {
+        return Err(format!("{text:?} must be a positive duration"));
+    }
+    Ok(Duration::from_secs_f64(seconds * scale))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("INFERMEM_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let probes = ProbeOptions { btf_path: cli.btf };
+    match cli.command {
+        Command::Inspect {
+            pid,
+            duration,
+            json,
+            require_ebpf,
+        } => run_inspect(
+            InspectOptions {
+                pid,
+                duration,
+                probes,
+                require_ebpf,
+            },
+            json,
+        ),
+        Command::Doctor { json } => {
+            let checks = doctor::run(&probes);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&checks).expect("serialisable")
+                );
+            } else {
+                print!("{}", doctor::render(&checks));
+            }
+            if checks.iter().any(|c| c.required && !c.pass) {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+    }
+}
+
+fn run_inspect(options: InspectOptions, json: bool) -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    match runtime.block_on(inspect::inspect(&options)) {
+        Ok(report) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("serialisable")
+                );
+            } else {
+                print!("{}", report::text::render(&report));
+                if let Some(reason) = &report.sources.reason {
+                    eprintln!(
+                        "note: eBPF is off ({reason}); fault split and mapping faults need it"
+                    );
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&err.to_report()).expect("serialisable")
+                );
+            }
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}

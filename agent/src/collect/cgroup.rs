@@ -23,6 +23,15 @@ pub enum CgroupVersion {
     V2,
 }
 
+impl std::fmt::Display for CgroupVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CgroupVersion::V1 => "v1",
+            CgroupVersion::V2 => "v2",
+        })
+    }
+}
+
 /// Where the memory controller is mounted on this host.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CgroupLayout {

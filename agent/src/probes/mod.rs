@@ -166,11 +166,21 @@ impl Probes {
         self.memory.get(&tgid, 0).ok()
     }
 
-    /// Faults recorded in the buckets of `tgid` that belong to the mapping `[start, end)`.
-    pub fn mapping_faults(&self, tgid: u32, start: u64, end: u64) -> u64 {
-        bucket_range(start, end)
+    /// Faults recorded in the buckets of `tgid` that cover the address `ranges` (the areas
+    /// of one mapped file); each bucket counts once even if several ranges share it.
+    pub fn mapping_faults(&self, tgid: u32, ranges: &[(u64, u64)]) -> u64 {
+        let buckets: std::collections::BTreeSet<u64> = ranges
+            .iter()
+            .flat_map(|&(start, end)| bucket_range(start, end))
+            .collect();
+        buckets
+            .into_iter()
             .filter_map(|bucket| self.buckets.get(&bucket_key(tgid, bucket), 0).ok())
-            .filter(|b| b.start < end && b.end > start)
+            .filter(|b| {
+                ranges
+                    .iter()
+                    .any(|&(start, end)| b.start < end && b.end > start)
+            })
             .map(|b| b.faults)
             .sum()
     }

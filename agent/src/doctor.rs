@@ -1,0 +1,321 @@
+//! `infermem doctor`: one pass/fail line per kernel feature infermem needs or can use.
+
+use std::{fs, path::Path};
+
+use infermem_common::Probe;
+use serde::Serialize;
+
+use crate::{
+    collect::cgroup::{CgroupLayout, CgroupVersion},
+    probes::{self, ProbeOptions, Probes, offsets},
+    units::format_bytes,
+};
+
+/// The oldest kernel the probes support: tracing programs may use non-preallocated hash maps
+/// (which keep idle memory small) only since Linux 6.1.
+const MIN_KERNEL: (u32, u32) = (6, 1);
+
+/// The outcome of one check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub pass: bool,
+    /// Whether infermem needs it (a failure makes `doctor` exit non-zero) or only can use it.
+    pub required: bool,
+    pub detail: String,
+}
+
+impl Check {
+    fn new(name: impl Into<String>, required: bool, outcome: Result<String, String>) -> Self {
+        let (pass, detail) = match outcome {
+            Ok(detail) => (true, detail),
+            Err(detail) => (false, detail),
+        };
+        Check {
+            name: name.into(),
+            pass,
+            required,
+            detail,
+        }
+    }
+}
+
+/// Runs every check. Loading the probes is one of them, so this needs the same privileges as
+/// `inspect` to pass everything.
+pub fn run(options: &ProbeOptions) -> Vec<Check> {
+    let mut checks = vec![
+        Check::new("kernel version", true, kernel_version()),
+        Check::new("privileges for eBPF", true, privileges()),
+        Check::new("bpf() syscall", true, bpf_syscall()),
+    ];
+    let btf = btf_rs::Btf::from_file(&options.btf_path);
+    checks.push(Check::new(
+        "BTF",
+        true,
+        match &btf {
+            Ok(btf) => {
+                let missing = offsets::missing_fields(&offsets::resolve(btf));
+                if missing.is_empty() {
+                    Ok(format!(
+                        "{} (all kernel fields resolved)",
+                        options.btf_path.display()
+                    ))
+                } else {
+                    Err(format!(
+                        "{} lacks fields the OOM probe reads: {}",
+                        options.btf_path.display(),
+                        missing.join(", ")
+                    ))
+                }
+            }
+            Err(err) => Err(format!(
+                "{}: {err} (needs CONFIG_DEBUG_INFO_BTF=y)",
+                options.btf_path.display()
+            )),
+        },
+    ));
+    checks.push(Check::new("tracefs", false, tracefs()));
+    for probe in Probe::ALL {
+        let outcome = match &btf {
+            Ok(btf) => tracepoint(btf, probe.tracepoint()),
+            Err(_) => Err("unknown (no BTF)".to_owned()),
+        };
+        checks.push(Check::new(
+            format!("tracepoint {}", probe.tracepoint()),
+            true,
+            outcome,
+        ));
+    }
+    checks.push(Check::new(
+        "probes load and attach",
+        true,
+        Probes::load(options)
+            .map(|_| format!("all {} probes verified and attached", Probe::ALL.len()))
+            .map_err(|e| e.to_string()),
+    ));
+    checks.push(Check::new("memory cgroup", true, memory_cgroup()));
+    checks.push(Check::new("PSI (memory pressure)", false, psi()));
+    checks.push(Check::new("NVIDIA devices", false, nvidia()));
+    checks.push(Check::new("mlock (pin model pages)", false, mlock()));
+    checks
+}
+
+/// Renders checks as aligned text lines.
+pub fn render(checks: &[Check]) -> String {
+    let width = checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
+    checks
+        .iter()
+        .map(|c| {
+            let status = match (c.pass, c.required) {
+                (true, _) => "pass",
+                (false, true) => "FAIL",
+                (false, false) => "fail (optional)",
+            };
+            format!("{status:<15}  {:<width$}  {}\n", c.name, c.detail)
+        })
+        .collect()
+}
+
+fn kernel_version() -> Result<String, String> {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_err(|e| format!("cannot read /proc/sys/kernel/osrelease: {e}"))?;
+    let release = release.trim();
+    let mut parts = release
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if version >= MIN_KERNEL {
+        Ok(format!("Linux {release}"))
+    } else {
+        Err(format!(
+            "Linux {release}; infermem needs {}.{} or newer",
+            MIN_KERNEL.0, MIN_KERNEL.1
+        ))
+    }
+}
+
+fn privileges() -> Result<String, String> {
+    probes::check_privileges()
+        .map(|()| {
+            // SAFETY: geteuid has no preconditions.
+            match unsafe { libc::geteuid() } {
+                0 => "root".to_owned(),
+                uid => format!("uid {uid} with CAP_BPF+CAP_PERFMON or CAP_SYS_ADMIN"),
+            }
+        })
+        .map_err(|e| e.to_string())
+}
+
+/// Creates (and closes) a one-entry BPF array map: proves the syscall exists and we may use it.
+fn bpf_syscall() -> Result<String, String> {
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    let attr = MapCreate {
+        map_type: BPF_MAP_TYPE_ARRAY,
+        key_size: 4,
+        value_size: 4,
+        max_entries: 1,
+        map_flags: 0,
+    };
+    // SAFETY: a valid bpf_attr prefix for BPF_MAP_CREATE; the kernel zero-extends the rest.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &attr as *const MapCreate,
+            size_of::<MapCreate>(),
+        )
+    };
+    if fd < 0 {
+        let err = std::io::Error::last_os_error();
+        return Err(match err.raw_os_error() {
+            Some(libc::ENOSYS) => "the kernel has no bpf() (CONFIG_BPF_SYSCALL)".to_owned(),
+            Some(libc::EPERM) => "bpf() refused: not permitted".to_owned(),
+            _ => format!("bpf(BPF_MAP_CREATE) failed: {err}"),
+        });
+    }
+    // SAFETY: closing the fd we just got.
+    unsafe { libc::close(fd as libc::c_int) };
+    Ok("BPF_MAP_CREATE works".to_owned())
+}
+
+fn tracefs() -> Result<String, String> {
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    match mounts
+        .lines()
+        .find(|l| l.split_whitespace().nth(2) == Some("tracefs"))
+    {
+        Some(line) => Ok(format!(
+            "mounted at {} (infermem does not need it)",
+            line.split_whitespace().nth(1).unwrap_or("?")
+        )),
+        None => Err("not mounted; infermem does not need it (its probes attach by BTF)".into()),
+    }
+}
+
+fn tracepoint(btf: &btf_rs::Btf, name: &str) -> Result<String, String> {
+    let typedef = format!("btf_trace_{name}");
+    match btf.resolve_ids_by_name(&typedef) {
+        Ok(ids) if !ids.is_empty() => Ok(format!("raw tracepoint {name} is in the kernel's BTF")),
+        _ => Err(format!("no {typedef} in the kernel's BTF")),
+    }
+}
+
+fn memory_cgroup() -> Result<String, String> {
+    let layout = CgroupLayout::detect();
+    let hybrid = layout.v1_memory.is_some() && layout.v2.is_some();
+    match layout.memory_hierarchy() {
+        Some((CgroupVersion::V1, mount)) => Ok(format!(
+            "cgroup v1 memory controller at {}{}",
+            mount.display(),
+            if hybrid { " (hybrid layout)" } else { "" }
+        )),
+        Some((CgroupVersion::V2, mount)) => Ok(format!(
+            "cgroup v2 with the memory controller at {}",
+            mount.display()
+        )),
+        None => Err(match layout.v2 {
+            Some(v2) => format!(
+                "cgroup v2 at {} without the memory controller",
+                v2.display()
+            ),
+            None => "no memory cgroup hierarchy is mounted".to_owned(),
+        }),
+    }
+}
+
+fn psi() -> Result<String, String> {
+    let path = Path::new("/proc/pressure/memory");
+    match fs::read_to_string(path) {
+        Ok(text) => Ok(format!(
+            "{}",
+            text.lines().next().unwrap_or_default().trim()
+        )),
+        Err(e) => Err(format!(
+            "{}: {e} (needs CONFIG_PSI and psi=1)",
+            path.display()
+        )),
+    }
+}
+
+fn nvidia() -> Result<String, String> {
+    let devices: Vec<String> = fs::read_dir("/dev")
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| {
+                    n.starts_with("nvidia")
+                        && n[6..].chars().all(|c| c.is_ascii_digit())
+                        && n.len() > 6
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if devices.is_empty() {
+        return Err(
+            "no /dev/nvidiaN devices (no NVIDIA GPU or driver); GPU memory is not tracked".into(),
+        );
+    }
+    let driver = fs::read_to_string("/proc/driver/nvidia/version")
+        .ok()
+        .and_then(|v| v.lines().next().map(|l| l.trim().to_owned()))
+        .unwrap_or_else(|| "driver version unknown".into());
+    let nvml = match nvml_wrapper::Nvml::init() {
+        Ok(nvml) => {
+            let count = nvml.device_count().unwrap_or(0);
+            let names: Vec<String> = (0..count)
+                .filter_map(|i| {
+                    let device = nvml.device_by_index(i).ok()?;
+                    let total = device.memory_info().ok()?.total;
+                    Some(format!("{} ({})", device.name().ok()?, format_bytes(total)))
+                })
+                .collect();
+            format!("NVML: {count} GPU(s): {}", names.join(", "))
+        }
+        Err(e) => format!("NVML unavailable: {e}"),
+    };
+    Ok(format!(
+        "{} device node(s); {driver}; {nvml}",
+        devices.len()
+    ))
+}
+
+fn mlock() -> Result<String, String> {
+    const CAP_IPC_LOCK: u32 = 14;
+    let caps = probes::effective_capabilities().unwrap_or(0);
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) };
+    let fmt = |v: libc::rlim_t| {
+        if v == libc::RLIM_INFINITY {
+            "unlimited".to_owned()
+        } else {
+            format_bytes(v)
+        }
+    };
+    let rlimit = format!(
+        "RLIMIT_MEMLOCK {} (hard {})",
+        fmt(limit.rlim_cur),
+        fmt(limit.rlim_max)
+    );
+    if caps & (1 << CAP_IPC_LOCK) != 0 {
+        Ok(format!("CAP_IPC_LOCK held: may pin any amount; {rlimit}"))
+    } else if limit.rlim_cur == libc::RLIM_INFINITY {
+        Ok(format!("no CAP_IPC_LOCK, but {rlimit}"))
+    } else {
+        Err(format!(
+            "no CAP_IPC_LOCK; {rlimit} caps how much can be pinned"
+        ))
+    }
+}

@@ -1,0 +1,419 @@
+//! `infermem inspect <pid>`: attach the probes, sample the process for a while, report.
+//!
+//! Runs standalone (no daemon yet): it loads the probes itself, seeds them with the
+//! process's existing mappings from /proc, watches events for `duration`, then reads the
+//! counters, procfs and cgroupfs once more.
+
+use std::{
+    collections::HashMap,
+    os::fd::{AsRawFd, RawFd},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use infermem_common::LARGE_MAPPING_BYTES;
+use tokio::io::{Interest, unix::AsyncFd};
+
+use crate::{
+    collect::{
+        CollectError,
+        cgroup::{self, CgroupLayout},
+        maps::{self, MappedFile},
+        memory,
+        process::{self, ProcessCounters, ProcessIdentity},
+    },
+    probes::{EventReader, OomVictim, ProbeError, ProbeOptions, Probes},
+    report::{
+        AllocationReport, CgroupReport, ErrorBody, ErrorReport, FaultReport, InspectReport,
+        MappingReport, MemoryReport, OomKillReport, OomReport, ProbeReport, SCHEMA_VERSION,
+        SourcesReport,
+    },
+    state::{AllocationKind, Origin, ProcessState},
+};
+
+/// How often liveness is re-checked while sampling.
+const LIVENESS_INTERVAL: Duration = Duration::from_millis(200);
+
+/// What to inspect and how.
+#[derive(Debug, Clone)]
+pub struct InspectOptions {
+    pub pid: u32,
+    /// How long to sample fault rates and watch events.
+    pub duration: Duration,
+    pub probes: ProbeOptions,
+    /// Fail instead of falling back to procfs when eBPF is unavailable.
+    pub require_ebpf: bool,
+}
+
+/// Why inspection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error(transparent)]
+    Collect(#[from] CollectError),
+    #[error("{}", exited_message(*pid, comm, oom_kill.as_ref()))]
+    ExitedDuringSampling {
+        pid: u32,
+        comm: String,
+        oom_kill: Option<OomKillReport>,
+    },
+    #[error("eBPF is required (--require-ebpf) but unavailable: {0}")]
+    EbpfRequired(ProbeError),
+}
+
+fn exited_message(pid: u32, comm: &str, oom: Option<&OomKillReport>) -> String {
+    match oom {
+        Some(kill) => format!(
+            "pid {pid} ({comm}) was OOM-killed during sampling (memcg {}, anon {}, file {})",
+            kill.memcg.as_deref().unwrap_or("unknown"),
+            kill.rss_anon_bytes
+                .map_or("unknown".into(), crate::units::format_bytes),
+            kill.rss_file_bytes
+                .map_or("unknown".into(), crate::units::format_bytes),
+        ),
+        None => format!("pid {pid} ({comm}) exited during sampling"),
+    }
+}
+
+impl InspectError {
+    /// The machine-readable form printed with `--json`.
+    pub fn to_report(&self) -> ErrorReport {
+        let (kind, pid, oom_kill) = match self {
+            InspectError::Collect(CollectError::NoSuchProcess(pid)) => {
+                ("no_such_process", Some(*pid), None)
+            }
+            InspectError::Collect(CollectError::Reused(pid)) => ("pid_reused", Some(*pid), None),
+            InspectError::Collect(CollectError::PermissionDenied { pid, .. }) => {
+                ("permission_denied", Some(*pid), None)
+            }
+            InspectError::Collect(CollectError::Other { pid, .. }) => ("other", Some(*pid), None),
+            InspectError::ExitedDuringSampling { pid, oom_kill, .. } => {
+                ("exited_during_sampling", Some(*pid), oom_kill.clone())
+            }
+            InspectError::EbpfRequired(_) => ("ebpf_unavailable", None, None),
+        };
+        ErrorReport {
+            error: ErrorBody {
+                kind: kind.to_owned(),
+                message: self.to_string(),
+                pid,
+                oom_kill,
+            },
+        }
+    }
+}
+
+/// Counter readings at one instant.
+struct Sample {
+    at: Instant,
+    procfs: ProcessCounters,
+    /// eBPF: (all faults, file faults); None without eBPF.
+    ebpf: Option<(u64, u64)>,
+}
+
+/// Inspects one process. Without eBPF (no privileges, no BTF) it falls back to procfs and
+/// says why in `sources.reason`, unless `require_ebpf` is set.
+pub async fn inspect(options: &InspectOptions) -> Result<InspectReport, InspectError> {
+    let pid = options.pid;
+    let identity = process::identity(pid)?;
+    let (mut probes, reason) = match Probes::load(&options.probes) {
+        Ok(probes) => (Some(probes), None),
+        Err(err) if options.require_ebpf => return Err(InspectError::EbpfRequired(err)),
+        Err(err) => {
+            tracing::warn!("eBPF unavailable, falling back to procfs only: {err}");
+            (None, Some(err.to_string()))
+        }
+    };
+
+    let mut state = ProcessState::new(identity.clone());
+    let start_vmas = maps::vmas(pid, false)?;
+    state.seed_from_vmas(&start_vmas);
+    // Allocations from /proc are history; only those seen while sampling are reported.
+    state.allocations.clear();
+    if let Some(probes) = probes.as_mut() {
+        for mapping in state.file_mappings.values() {
+            if let Err(err) = probes.track_file_mapping(pid, mapping.start, mapping.end) {
+                tracing::warn!("could not track mapping {:#x}: {err}", mapping.start);
+            }
+        }
+    }
+    let reader = probes.as_mut().and_then(Probes::take_event_reader);
+
+    let start = sample(&identity, probes.as_ref())?;
+    tracing::info!(
+        pid,
+        ebpf = probes.is_some(),
+        "sampling started for {:?}",
+        options.duration
+    );
+    let start_mapping_faults = file_faults(
+        probes.as_ref(),
+        pid,
+        &maps::mapped_files(&start_vmas, LARGE_MAPPING_BYTES),
+    );
+    watch(&mut state, reader, options.duration).await;
+    if state.ended.is_some() || state.oom_kill.is_some() || process::still_alive(&identity).is_err()
+    {
+        return Err(exited(&state));
+    }
+    let end = sample(&identity, probes.as_ref()).map_err(|err| match err {
+        err if err.is_gone() => exited(&state),
+        err => InspectError::Collect(err),
+    })?;
+
+    build_report(
+        &state,
+        probes.as_ref(),
+        reason,
+        &start,
+        &end,
+        &start_mapping_faults,
+    )
+}
+
+/// Drains events until `duration` has passed or the process is gone.
+async fn watch(state: &mut ProcessState, reader: Option<EventReader>, duration: Duration) {
+    let deadline = tokio::time::Instant::now() + duration;
+    // SAFETY: the ring buffer's fd stays open, and the same, as long as the reader lives,
+    // and the AsyncFd owns the reader.
+    let mut events = reader.and_then(|r| {
+        unsafe { AsyncFd::register_with_interest(RingFd(r), Interest::READABLE) }.ok()
+    });
+    let mut liveness = tokio::time::interval(LIVENESS_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => break,
+            ready = async { events.as_mut()?.readable_mut().await.ok() }, if events.is_some() => {
+                if let Some(mut guard) = ready {
+                    for event in guard.get_inner_mut().0.drain().0 {
+                        state.apply(&event);
+                    }
+                    guard.clear_ready();
+                }
+            }
+            _ = liveness.tick() => {
+                if state.ended.is_some() || process::still_alive(&state.identity).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    // Whatever arrived last (an OOM kill, the exit) still counts.
+    if let Some(events) = events.as_mut() {
+        for event in events.get_mut().0.drain().0 {
+            state.apply(&event);
+        }
+    }
+}
+
+/// An [`EventReader`] as something tokio can poll.
+struct RingFd(EventReader);
+
+impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+fn sample(identity: &ProcessIdentity, probes: Option<&Probes>) -> Result<Sample, CollectError> {
+    let procfs = process::counters(identity)?;
+    let ebpf = probes.map(|p| {
+        p.fault_counters(identity.pid)
+            .map_or((0, 0), |c| (c.faults, c.file_faults))
+    });
+    Ok(Sample {
+        at: Instant::now(),
+        procfs,
+        ebpf,
+    })
+}
+
+/// Faults so far in each mapped file, by path.
+fn file_faults(probes: Option<&Probes>, pid: u32, files: &[MappedFile]) -> HashMap<PathBuf, u64> {
+    let Some(probes) = probes else {
+        return HashMap::new();
+    };
+    files
+        .iter()
+        .map(|f| (f.path.clone(), probes.mapping_faults(pid, &f.ranges)))
+        .collect()
+}
+
+fn exited(state: &ProcessState) -> InspectError {
+    let oom_kill = state
+        .oom_kill
+        .as_ref()
+        .map(|victim| oom_kill_report(state.identity.pid, victim));
+    InspectError::ExitedDuringSampling {
+        pid: state.identity.pid,
+        comm: state.identity.comm.clone(),
+        oom_kill,
+    }
+}
+
+/// An OOM kill in report form, with the memcg path resolved from its kernfs id.
+pub fn oom_kill_report(pid: u32, victim: &OomVictim) -> OomKillReport {
+    let layout = CgroupLayout::detect();
+    OomKillReport {
+        pid,
+        comm: victim.comm.clone(),
+        memcg: victim
+            .memcg_id
+            .and_then(|id| cgroup::path_by_id(&layout, id)),
+        rss_anon_bytes: victim.rss_anon_bytes,
+        rss_file_bytes: victim.rss_file_bytes,
+        rss_shmem_bytes: victim.rss_shmem_bytes,
+        swap_bytes: victim.swap_bytes,
+        oom_score_adj: victim.oom_score_adj,
+    }
+}
+
+fn build_report(
+    state: &ProcessState,
+    probes: Option<&Probes>,
+    reason: Option<String>,
+    start: &Sample,
+    end: &Sample,
+    start_mapping_faults: &HashMap<PathBuf, u64>,
+) -> Result<InspectReport, InspectError> {
+    let pid = state.identity.pid;
+    let identity = process::identity(pid)?;
+    let window = end.at.duration_since(start.at).as_secs_f64().max(1e-9);
+    let rate = |count: u64| count as f64 / window;
+
+    let usage = memory::usage(pid)?;
+    let vmas = maps::vmas(pid, true)?;
+    let files = maps::mapped_files(&vmas, LARGE_MAPPING_BYTES);
+    let mappings = files
+        .iter()
+        .map(|file| mapping_report(file, probes, pid, start_mapping_faults, window))
+        .collect();
+
+    let procfs_faults = end.procfs.faults.saturating_sub(start.procfs.faults);
+    let major = end
+        .procfs
+        .major_faults
+        .saturating_sub(start.procfs.major_faults);
+    let faults = match (start.ebpf, end.ebpf) {
+        (Some((total0, file0)), Some((total1, file1))) => {
+            let total = total1.saturating_sub(total0);
+            let file = file1.saturating_sub(file0).min(total);
+            FaultReport {
+                window_s: window,
+                total_per_s: rate(total),
+                file_per_s: Some(rate(file)),
+                anon_per_s: Some(rate(total - file)),
+                total,
+                file: Some(file),
+                anon: Some(total - file),
+                major_per_s: rate(major),
+            }
+        }
+        _ => FaultReport {
+            window_s: window,
+            total_per_s: rate(procfs_faults),
+            file_per_s: None,
+            anon_per_s: None,
+            total: procfs_faults,
+            file: None,
+            anon: None,
+            major_per_s: rate(major),
+        },
+    };
+
+    let proc = crate::collect::open(pid)?;
+    let oom = OomReport {
+        score: proc
+            .oom_score()
+            .map_err(|e| CollectError::from_proc(pid, "oom_score", e))?
+            .into(),
+        score_adj: proc
+            .oom_score_adj()
+            .map_err(|e| CollectError::from_proc(pid, "oom_score_adj", e))?
+            .into(),
+    };
+    let cgroup = cgroup::memory_cgroup(pid, &CgroupLayout::detect())?.map(|cg| CgroupReport {
+        version: cg.version,
+        path: cg.path,
+        limit_bytes: cg.limit_bytes,
+        usage_bytes: cg.usage_bytes,
+        effective_limit_bytes: cg.effective_limit_bytes,
+        high_bytes: cg.high_bytes,
+    });
+
+    Ok(InspectReport {
+        schema_version: SCHEMA_VERSION,
+        pid,
+        comm: identity.comm,
+        cmdline: identity.cmdline,
+        cgroup,
+        memory: MemoryReport {
+            rss_bytes: usage.rss,
+            anon_bytes: usage.anon,
+            file_bytes: usage.file,
+            shmem_bytes: usage.shmem,
+            swap_bytes: usage.swap,
+            locked_bytes: usage.locked,
+        },
+        mappings,
+        faults,
+        oom,
+        allocations: state
+            .allocations
+            .iter()
+            .rev()
+            .filter(|a| a.origin == Origin::Probe)
+            .map(|a| AllocationReport {
+                kind: match a.kind {
+                    AllocationKind::Mmap => "mmap",
+                    AllocationKind::Brk => "brk",
+                    AllocationKind::Mremap => "mremap",
+                }
+                .to_owned(),
+                bytes: a.bytes,
+                address: a.addr,
+                live: !a.freed,
+            })
+            .collect(),
+        sources: SourcesReport {
+            ebpf: probes.is_some(),
+            reason,
+            probes: probes.map(probe_reports).unwrap_or_default(),
+        },
+    })
+}
+
+fn mapping_report(
+    file: &MappedFile,
+    probes: Option<&Probes>,
+    pid: u32,
+    start_faults: &HashMap<PathBuf, u64>,
+    window: f64,
+) -> MappingReport {
+    let faults_per_s = probes.map(|probes| {
+        let now = probes.mapping_faults(pid, &file.ranges);
+        let before = start_faults.get(&file.path).copied().unwrap_or(0);
+        now.saturating_sub(before) as f64 / window
+    });
+    MappingReport {
+        path: file.path.display().to_string(),
+        size_bytes: file.size,
+        resident_bytes: file.resident,
+        faults_per_s,
+        deleted: file.deleted,
+    }
+}
+
+fn probe_reports(probes: &Probes) -> Vec<ProbeReport> {
+    probes
+        .probe_stats()
+        .into_iter()
+        .map(|(probe, stats)| ProbeReport {
+            name: probe.program().to_owned(),
+            tracepoint: probe.tracepoint().to_owned(),
+            events: stats.events,
+            ringbuf_drops: stats.ringbuf_drops,
+            map_drops: stats.map_drops,
+            unmatched: stats.unmatched,
+        })
+        .collect()
+}

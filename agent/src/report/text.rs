@@ -1,0 +1,132 @@
+//! The human-readable rendering of an [`InspectReport`].
+
+use std::fmt::Write as _;
+
+use super::InspectReport;
+use crate::units::format_bytes;
+
+/// Renders the report as a few aligned sections.
+pub fn render(report: &InspectReport) -> String {
+    let mut out = String::new();
+    let w = &mut out;
+    let _ = writeln!(
+        w,
+        "pid {} ({})  {}",
+        report.pid,
+        report.comm,
+        report.cmdline.join(" ")
+    );
+
+    let m = &report.memory;
+    let _ = writeln!(
+        w,
+        "memory   rss {} = anon {} + file {} + shmem {}; swap {}; locked {}",
+        format_bytes(m.rss_bytes),
+        format_bytes(m.anon_bytes),
+        format_bytes(m.file_bytes),
+        format_bytes(m.shmem_bytes),
+        format_bytes(m.swap_bytes),
+        format_bytes(m.locked_bytes),
+    );
+
+    match &report.cgroup {
+        Some(cg) => {
+            let limit = |l: Option<u64>| l.map_or("unlimited".to_owned(), format_bytes);
+            let _ = writeln!(
+                w,
+                "cgroup   {} {}: usage {} of limit {} (effective {}{})",
+                cg.version,
+                cg.path,
+                cg.usage_bytes.map_or("?".into(), format_bytes),
+                limit(cg.limit_bytes),
+                limit(cg.effective_limit_bytes),
+                cg.high_bytes
+                    .map(|h| format!(", high {}", format_bytes(h)))
+                    .unwrap_or_default(),
+            );
+        }
+        None => {
+            let _ = writeln!(w, "cgroup   no memory controller on this host");
+        }
+    }
+
+    let _ = writeln!(
+        w,
+        "oom      score {}, score_adj {}",
+        report.oom.score, report.oom.score_adj
+    );
+
+    let f = &report.faults;
+    match (f.file_per_s, f.anon_per_s) {
+        (Some(file), Some(anon)) => {
+            let _ = writeln!(
+                w,
+                "faults   {:.1}/s over {:.1} s = {file:.1}/s in file mappings + {anon:.1}/s other; \
+                 major {:.1}/s",
+                f.total_per_s, f.window_s, f.major_per_s
+            );
+        }
+        _ => {
+            let _ = writeln!(
+                w,
+                "faults   {:.1}/s over {:.1} s (procfs; no file/anon split without eBPF); major {:.1}/s",
+                f.total_per_s, f.window_s, f.major_per_s
+            );
+        }
+    }
+
+    if report.mappings.is_empty() {
+        let _ = writeln!(w, "mapped files >= 1 MiB: none");
+    } else {
+        let _ = writeln!(w, "mapped files >= 1 MiB:");
+        let _ = writeln!(
+            w,
+            "  {:>10}  {:>10}  {:>9}  PATH",
+            "SIZE", "RESIDENT", "FAULTS/S"
+        );
+        for mapping in &report.mappings {
+            let _ = writeln!(
+                w,
+                "  {:>10}  {:>10}  {:>9}  {}{}",
+                format_bytes(mapping.size_bytes),
+                format_bytes(mapping.resident_bytes),
+                mapping
+                    .faults_per_s
+                    .map_or("-".to_owned(), |r| format!("{r:.1}")),
+                mapping.path,
+                if mapping.deleted { " (deleted)" } else { "" },
+            );
+        }
+    }
+
+    if !report.allocations.is_empty() {
+        let _ = writeln!(w, "large anonymous allocations seen while sampling:");
+        for a in &report.allocations {
+            let _ = writeln!(
+                w,
+                "  {:>10}  {:<6} at {:#x}{}",
+                format_bytes(a.bytes),
+                a.kind,
+                a.address,
+                if a.live { "" } else { " (freed)" }
+            );
+        }
+    }
+
+    let s = &report.sources;
+    if s.ebpf {
+        let drops: u64 = s.probes.iter().map(|p| p.ringbuf_drops + p.map_drops).sum();
+        let _ = writeln!(
+            w,
+            "sources  eBPF ({} probes attached, {drops} drops) + procfs",
+            s.probes.len()
+        );
+    } else {
+        let _ = writeln!(
+            w,
+            "sources  procfs only: {}",
+            s.reason.as_deref().unwrap_or("eBPF off")
+        );
+    }
+    out
+}

@@ -1,0 +1,191 @@
+//! Real workloads for the end-to-end tests: the memory behaviour infermem must see.
+//!
+//! Every mode prints one JSON line per milestone on stdout and waits for a line on stdin
+//! where the test must synchronise (so an observer can attach first):
+//!
+//! - `map-and-alloc FILE FILE_MIB ANON_MIB`: maps FILE, waits, reads every page of it, then
+//!   maps ANON_MIB of anonymous memory and writes every page; then waits until stdin closes.
+//! - `storm FILE CHILDREN`: maps 4 MiB of FILE, then forks CHILDREN processes that each map
+//!   4 MiB of FILE and 2 MiB of anonymous memory, touch them, grow the heap and exit; prints
+//!   their pids.
+//! - `hog MIB_PER_STEP`: waits, then allocates and touches memory until the OOM killer ends it.
+
+use std::{
+    fs::File,
+    io::{BufRead as _, Write as _},
+    os::fd::AsRawFd as _,
+    ptr,
+};
+
+const PAGE: usize = 4096;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |i: usize| args.get(i).unwrap_or_else(|| usage()).as_str();
+    let number = |i: usize| arg(i).parse::<usize>().unwrap_or_else(|_| usage());
+    match arg(0) {
+        "map-and-alloc" => map_and_alloc(arg(1), number(2), number(3)),
+        "storm" => storm(arg(1), number(2)),
+        "hog" => hog(number(1)),
+        _ => usage(),
+    }
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: workload map-and-alloc FILE FILE_MIB ANON_MIB | storm FILE CHILDREN | hog MIB_PER_STEP"
+    );
+    std::process::exit(2)
+}
+
+fn say(json: &str) {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{json}").expect("stdout");
+    out.flush().expect("stdout");
+}
+
+fn wait_for_line() -> bool {
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map(|n| n > 0)
+        .unwrap_or(false)
+}
+
+/// mmap wrapper that exits loudly on failure (this is a test workload).
+fn map(len: usize, prot: i32, flags: i32, fd: i32) -> *mut u8 {
+    // SAFETY: a fresh mapping; the kernel picks the address.
+    let addr = unsafe { libc::mmap(ptr::null_mut(), len, prot, flags, fd, 0) };
+    assert_ne!(
+        addr,
+        libc::MAP_FAILED,
+        "mmap failed: {}",
+        std::io::Error::last_os_error()
+    );
+    addr.cast()
+}
+
+/// Anonymous memory that is never backed by transparent huge pages, so one write fault is
+/// one 4 KiB page.
+fn anonymous(len: usize) -> *mut u8 {
+    let addr = map(
+        len,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+        -1,
+    );
+    // SAFETY: advising our own mapping.
+    unsafe { libc::madvise(addr.cast(), len, libc::MADV_NOHUGEPAGE) };
+    addr
+}
+
+fn touch_pages(addr: *mut u8, len: usize, write: bool) -> u64 {
+    let mut sum = 0u64;
+    for offset in (0..len).step_by(PAGE) {
+        // SAFETY: inside a mapping of `len` bytes.
+        unsafe {
+            if write {
+                ptr::write_volatile(addr.add(offset), 1);
+            } else {
+                sum += ptr::read_volatile(addr.add(offset)) as u64;
+            }
+        }
+    }
+    sum
+}
+
+fn map_and_alloc(path: &str, file_mib: usize, anon_mib: usize) {
+    let file = File::open(path).expect("open the model file");
+    let file_len = file_mib << 20;
+    let weights = map(
+        file_len,
+        libc::PROT_READ,
+        libc::MAP_PRIVATE,
+        file.as_raw_fd(),
+    );
+    say(&format!(
+        r#"{{"event":"mapped","pid":{},"file_addr":{}}}"#,
+        std::process::id(),
+        weights as u64
+    ));
+    if !wait_for_line() {
+        return;
+    }
+    let checksum = touch_pages(weights, file_len, false);
+    let anon_len = anon_mib << 20;
+    let kv = anonymous(anon_len);
+    touch_pages(kv, anon_len, true);
+    say(&format!(
+        r#"{{"event":"touched","file_pages":{},"anon_pages":{},"anon_addr":{},"checksum":{checksum}}}"#,
+        file_len / PAGE,
+        anon_len / PAGE,
+        kv as u64
+    ));
+    // Hold until the test closes stdin.
+    while wait_for_line() {}
+}
+
+fn storm(path: &str, children: usize) {
+    let file = File::open(path).expect("open the model file");
+    // The parent holds a large file mapping too, so its forks are reported.
+    let shared = map(
+        4 << 20,
+        libc::PROT_READ,
+        libc::MAP_PRIVATE,
+        file.as_raw_fd(),
+    );
+    touch_pages(shared, 4 << 20, false);
+    let mut pids = Vec::with_capacity(children);
+    for _ in 0..children {
+        // SAFETY: this process is single-threaded; the child only makes syscalls and exits.
+        match unsafe { libc::fork() } {
+            0 => {
+                let weights = map(
+                    4 << 20,
+                    libc::PROT_READ,
+                    libc::MAP_PRIVATE,
+                    file.as_raw_fd(),
+                );
+                touch_pages(weights, 4 << 20, false);
+                let scratch = anonymous(2 << 20);
+                touch_pages(scratch, 2 << 20, true);
+                // SAFETY: growing our own heap by 2 MiB, then exiting without unwinding.
+                unsafe {
+                    let top = libc::sbrk(0);
+                    libc::brk(top.cast::<u8>().add(2 << 20).cast());
+                    libc::_exit(0);
+                }
+            }
+            -1 => panic!("fork failed: {}", std::io::Error::last_os_error()),
+            pid => pids.push(pid),
+        }
+    }
+    for &pid in &pids {
+        let mut status = 0;
+        // SAFETY: reaping our own children.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+    }
+    let list: Vec<String> = pids.iter().map(ToString::to_string).collect();
+    say(&format!(
+        r#"{{"event":"stormed","pids":[{}]}}"#,
+        list.join(",")
+    ));
+}
+
+fn hog(mib_per_step: usize) {
+    say(&format!(
+        r#"{{"event":"waiting","pid":{}}}"#,
+        std::process::id()
+    ));
+    if !wait_for_line() {
+        return;
+    }
+    let mut total = 0usize;
+    loop {
+        let step = mib_per_step << 20;
+        touch_pages(anonymous(step), step, true);
+        total += step;
+        say(&format!(r#"{{"event":"allocated","bytes":{total}}}"#));
+    }
+}
