@@ -53,13 +53,15 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         (s, 1.0)
     } else if let Some(m) = text.strip_suffix('m') {
         (m, 60.0)
+    } else if let Some(h) = text.strip_suffix('h') {
+        (h, 3600.0)
     } else {
         (text, 1.0)
     };
     let seconds: f64 = number
         .trim()
         .parse()
-        .map_err(|_| format!("{text:?} is not a duration (examples: 2s, 500ms, 1m)"))?;
+        .map_err(|_| format!("{text:?} is not a duration (examples: 2s, 500ms, 1m, 1h)"))?;
     if !(seconds * scale).is_finite() || seconds <= 0.0 {
         return Err(format!("{text:?} must be a positive duration"));
     }
@@ -73,6 +75,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let probes = ProbeOptions { btf_path: cli.btf };

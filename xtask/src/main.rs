@@ -1,26 +1,64 @@
-//! `cargo xtask <task>`: see `cargo xtask help`.
+//! `cargo xtask <task>`: developer tasks for infermem (see `cargo xtask help`).
+
+mod bench;
+mod cargo;
 
 use anyhow::{Result, bail};
 
 const HELP: &str = "\
-usage: cargo xtask <task>
+usage: cargo xtask <task> [options]
 
 tasks:
-  bootstrap        install the eBPF toolchain (nightly rust-src, matching bpf-linker)
+  bootstrap                 install the eBPF toolchain (nightly rust-src, matching bpf-linker)
+  run [--release] [-- ARGS] build infermem and run it with ARGS (e.g. -- doctor)
+  test [-- ARGS]            build everything and run the whole test suite (needs root: the
+                            end-to-end tests load eBPF programs and create memory cgroups)
+  bench overhead [--mib N] [--iterations N] [--rounds N]
+                            time a fault-heavy workload with no tracing, with infermem's
+                            probes, and with an equivalent bpftrace program; print ratios
 ";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("bootstrap") => {
+    let (task, rest) = match args.split_first() {
+        Some((task, rest)) => (task.as_str(), rest),
+        None => ("help", &[][..]),
+    };
+    match task {
+        "bootstrap" => {
             let toolchain = xtask::toolchain::ensure()?;
             println!("bpf-linker ready in {}", toolchain.bin_dir.display());
             Ok(())
         }
-        Some("help" | "--help" | "-h") | None => {
+        "run" => {
+            let release = rest.first().is_some_and(|a| a == "--release");
+            let forwarded = rest
+                .iter()
+                .skip_while(|a| *a != "--")
+                .skip(1)
+                .cloned()
+                .collect::<Vec<_>>();
+            cargo::run_infermem(release, &forwarded)
+        }
+        "test" => {
+            let forwarded = rest
+                .iter()
+                .skip_while(|a| *a != "--")
+                .skip(1)
+                .cloned()
+                .collect::<Vec<_>>();
+            cargo::test(&forwarded)
+        }
+        "bench" => match rest.split_first() {
+            Some((which, options)) if which == "overhead" => {
+                bench::overhead(&bench::Options::parse(options)?)
+            }
+            _ => bail!("unknown benchmark; available: overhead\n{HELP}"),
+        },
+        "help" | "--help" | "-h" => {
             print!("{HELP}");
             Ok(())
         }
-        Some(other) => bail!("unknown task {other:?}\n{HELP}"),
+        other => bail!("unknown task {other:?}\n{HELP}"),
     }
 }

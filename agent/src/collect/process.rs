@@ -30,7 +30,11 @@ pub fn identity(pid: u32) -> Result<ProcessIdentity, CollectError> {
     let stat = process
         .stat()
         .map_err(|e| CollectError::from_proc(pid, "stat", e))?;
-    if u32::try_from(stat.pid).ok() != Some(pid) {
+    let tgid = process
+        .status()
+        .map_err(|e| CollectError::from_proc(pid, "status", e))?
+        .tgid;
+    if u32::try_from(tgid).ok() != Some(pid) {
         // /proc/<tid> of a thread resolves, but a thread is not a process.
         return Err(CollectError::NoSuchProcess(pid));
     }

@@ -13,12 +13,12 @@ use std::{
 
 use aya::{
     Btf, Ebpf, EbpfLoader, Endianness,
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::BtfTracePoint,
 };
 use infermem_common::{
-    BUCKET_SHIFT, BucketKey, FaultCounters, FileBucket, KernelOffsets, Probe, ProbeStats,
-    ProcMemory, SyscallArgs, SyscallNumbers, global_names, map_names,
+    BUCKET_SHIFT, BucketKey, FaultCache, FaultCounters, FileBucket, KernelOffsets, Probe,
+    ProbeStats, ProcMemory, SyscallArgs, SyscallNumbers, global_names, map_names,
 };
 
 pub use events::{EventDetail, KernelEvent, OomVictim};
@@ -82,7 +82,8 @@ pub struct MapOccupancy {
 pub struct Probes {
     /// Owns the programs and their links; dropping it detaches everything.
     _ebpf: Ebpf,
-    faults: PerCpuHashMap<MapData, u32, FaultCounters>,
+    faults: HashMap<MapData, u32, FaultCounters>,
+    fault_cache: PerCpuArray<MapData, FaultCache>,
     memory: HashMap<MapData, u32, ProcMemory>,
     buckets: HashMap<MapData, BucketKey, FileBucket>,
     syscall_args: HashMap<MapData, u32, SyscallArgs>,
@@ -99,13 +100,10 @@ impl Probes {
         let syscalls = syscall_numbers()?;
         let (aya_btf, offsets) = load_btf(&options.btf_path)?;
 
-        let cpus =
-            aya::util::nr_cpus().map_err(|(_, e)| ProbeError::NotPermitted(e.to_string()))?;
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&aya_btf))
             .override_global(global_names::KERNEL_OFFSETS, &offsets, true)
             .override_global(global_names::SYSCALL_NUMBERS, &syscalls, true)
-            .map_max_entries(map_names::FAULTS, fault_map_entries(cpus))
             .load(PROBES_OBJECT)
             .map_err(|e| ProbeError::Load(Box::new(e)))?;
 
@@ -114,8 +112,10 @@ impl Probes {
         }
 
         let mut take = |name: &'static str| ebpf.take_map(name).ok_or(ProbeError::Map(name));
-        let faults = PerCpuHashMap::try_from(take(map_names::FAULTS)?)
+        let faults = HashMap::try_from(take(map_names::FAULTS)?)
             .map_err(|_| ProbeError::Map(map_names::FAULTS))?;
+        let fault_cache = PerCpuArray::try_from(take(map_names::FAULT_CACHE)?)
+            .map_err(|_| ProbeError::Map(map_names::FAULT_CACHE))?;
         let memory = HashMap::try_from(take(map_names::PROC_MEMORY)?)
             .map_err(|_| ProbeError::Map(map_names::PROC_MEMORY))?;
         let buckets = HashMap::try_from(take(map_names::FILE_BUCKETS)?)
@@ -131,6 +131,7 @@ impl Probes {
         Ok(Probes {
             _ebpf: ebpf,
             faults,
+            fault_cache,
             memory,
             buckets,
             syscall_args,
@@ -146,19 +147,19 @@ impl Probes {
         &self.offsets
     }
 
-    /// Fault counters of `tgid` summed over CPUs; None if the process has not faulted since
-    /// the probes were attached.
+    /// Fault counters of `tgid`, including counts still cached per CPU; None if the process
+    /// has not faulted since the probes were attached.
     pub fn fault_counters(&self, tgid: u32) -> Option<FaultCounters> {
-        let per_cpu = self.faults.get(&tgid, 0).ok()?;
-        Some(
-            per_cpu
-                .iter()
-                .fold(FaultCounters::default(), |sum, c| FaultCounters {
-                    faults: sum.faults + c.faults,
-                    file_faults: sum.file_faults + c.file_faults,
-                    ..sum
-                }),
-        )
+        let folded = self.faults.get(&tgid, 0).ok()?;
+        let caches = self.fault_cache.get(&0, 0).ok();
+        let pending = caches
+            .iter()
+            .flat_map(|per_cpu| per_cpu.iter())
+            .filter(|cache| cache.tgid == tgid);
+        Some(pending.fold(folded, |sum, cache| FaultCounters {
+            faults: sum.faults + cache.pending.faults,
+            file_faults: sum.file_faults + cache.pending.file_faults,
+        }))
     }
 
     /// Memory-syscall accounting of `tgid`, if it made a memory syscall since attach.
@@ -218,12 +219,18 @@ impl Probes {
         self.epoch.set(0, epoch + 1, 0).map_err(io::Error::other)
     }
 
-    /// Health counters of each probe, summed over CPUs.
+    /// Health counters of each probe, summed over CPUs. Page faults still cached per CPU
+    /// count as events of the fault probe.
     pub fn probe_stats(&self) -> Vec<(Probe, ProbeStats)> {
+        let cached_faults: u64 = self
+            .fault_cache
+            .get(&0, 0)
+            .map(|per_cpu| per_cpu.iter().map(|c| c.pending.faults).sum())
+            .unwrap_or(0);
         Probe::ALL
             .into_iter()
             .map(|probe| {
-                let sum = self
+                let mut sum = self
                     .stats
                     .get(&(probe as u32), 0)
                     .map(|per_cpu| {
@@ -237,6 +244,9 @@ impl Probes {
                             })
                     })
                     .unwrap_or_default();
+                if probe == Probe::PageFault {
+                    sum.events += cached_faults;
+                }
                 (probe, sum)
             })
             .collect()
@@ -305,14 +315,6 @@ fn bucket_range(start: u64, end: u64) -> std::ops::RangeInclusive<u64> {
         return 1..=0;
     }
     (start >> BUCKET_SHIFT)..=((end - 1) >> BUCKET_SHIFT)
-}
-
-/// The FAULTS map is per-CPU and preallocated: keep it within about 16 MiB of kernel memory
-/// however many CPUs the host has (LRU eviction handles the rest).
-fn fault_map_entries(cpus: usize) -> u32 {
-    const BUDGET: usize = 16 << 20;
-    let per_entry = size_of::<FaultCounters>() * cpus.max(1);
-    (BUDGET / per_entry).clamp(1024, 65536) as u32
 }
 
 fn syscall_numbers() -> Result<SyscallNumbers, ProbeError> {

@@ -18,8 +18,10 @@ pub const MAX_BUCKETS_PER_MAPPING: u32 = 1 << 20;
 
 /// Names of the BPF maps, as the agent looks them up.
 pub mod map_names {
-    /// Per-process, per-CPU fault counters ([`crate::FaultCounters`]), keyed by tgid.
+    /// Per-process fault counters ([`crate::FaultCounters`]), keyed by tgid.
     pub const FAULTS: &str = "FAULTS";
+    /// Per-CPU [`crate::FaultCache`] (one entry).
+    pub const FAULT_CACHE: &str = "FAULT_CACHE";
     /// Per-process syscall accounting ([`crate::ProcMemory`]), keyed by tgid.
     pub const PROC_MEMORY: &str = "PROC_MEMORY";
     /// Large file mappings by 2 MiB bucket ([`crate::BucketKey`] -> [`crate::FileBucket`]).
@@ -42,8 +44,7 @@ pub mod global_names {
     pub const SYSCALL_NUMBERS: &str = "SYSCALL_NUMBERS";
 }
 
-/// Per-process fault counters. The map is per-CPU, so the probe never needs an atomic;
-/// userspace sums the CPUs.
+/// Per-process fault counters.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FaultCounters {
@@ -51,6 +52,20 @@ pub struct FaultCounters {
     pub faults: u64,
     /// Faults whose address lies in a large file mapping (a model file, typically).
     pub file_faults: u64,
+}
+
+/// Each CPU's fault counts for the process that faulted last on it. Faults come in bursts
+/// from one process, so the fault probe only touches this per-CPU array (an inlined lookup)
+/// and folds the counts into [`map_names::FAULTS`] when another process faults on the CPU.
+/// Userspace adds the caches that hold a process to its [`FaultCounters`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultCache {
+    /// The process whose faults are pending here (0 = none).
+    pub tgid: u32,
+    pub _pad: u32,
+    /// Faults not yet folded into the process's [`FaultCounters`].
+    pub pending: FaultCounters,
     /// The [`map_names::BUCKET_EPOCH`] value when `has_file_buckets` was last refreshed.
     pub seen_epoch: u64,
     /// Whether the process had file buckets at `seen_epoch` (0 or 1): gates the bucket lookup.
@@ -335,6 +350,7 @@ mod pod {
     use super::*;
     // SAFETY: all of these are #[repr(C)] structs of plain integers with explicit padding.
     unsafe impl aya::Pod for FaultCounters {}
+    unsafe impl aya::Pod for FaultCache {}
     unsafe impl aya::Pod for ProcMemory {}
     unsafe impl aya::Pod for BucketKey {}
     unsafe impl aya::Pod for FileBucket {}

@@ -74,6 +74,7 @@ pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     count_event(Probe::Exit);
+    crate::faults::forget_cached(tgid);
     let _ = FAULTS.remove(tgid);
     if forget_process_memory(tgid) {
         emit(Probe::Exit, EventKind::Exit, tgid, [0; 6], current_comm());

@@ -4,18 +4,21 @@ use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{bpf_get_current_comm, generated::bpf_ktime_get_ns},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use infermem_common::{
-    BucketKey, Event, EventKind, FaultCounters, FileBucket, KernelOffsets, Probe, ProbeStats,
-    ProcMemory, SyscallArgs, SyscallNumbers,
+    BucketKey, Event, EventKind, FaultCache, FaultCounters, FileBucket, KernelOffsets, Probe,
+    ProbeStats, ProcMemory, SyscallArgs, SyscallNumbers,
 };
 
-/// Per-process fault counters; LRU so that a fork storm evicts instead of failing. The agent
-/// sizes it from the CPU count before loading (it is per-CPU and preallocated).
+/// Per-process fault counters, fed from [`FAULT_CACHE`]; LRU so that a fork storm evicts
+/// instead of failing.
 #[map]
-pub static FAULTS: LruPerCpuHashMap<u32, FaultCounters> =
-    LruPerCpuHashMap::with_max_entries(8192, 0);
+pub static FAULTS: LruHashMap<u32, FaultCounters> = LruHashMap::with_max_entries(16384, 0);
+
+/// Per-CPU fault counts of the process that faulted last on each CPU.
+#[map]
+pub static FAULT_CACHE: PerCpuArray<FaultCache> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-process syscall accounting; entries are removed when the process exits.
 #[map]
@@ -31,7 +34,7 @@ pub static FILE_BUCKETS: HashMap<BucketKey, FileBucket> =
 #[map]
 pub static SYSCALL_ARGS: LruHashMap<u32, SyscallArgs> = LruHashMap::with_max_entries(8192, 0);
 
-/// Bumped whenever any process gains or loses file buckets; see `FaultCounters::seen_epoch`.
+/// Bumped whenever any process gains or loses file buckets; see `FaultCache::seen_epoch`.
 #[map]
 pub static BUCKET_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
 

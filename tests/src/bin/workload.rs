@@ -9,6 +9,9 @@
 //!   4 MiB of FILE and 2 MiB of anonymous memory, touch them, grow the heap and exit; prints
 //!   their pids.
 //! - `hog MIB_PER_STEP`: waits, then allocates and touches memory until the OOM killer ends it.
+//! - `churn MIB ITERATIONS`: waits, then maps MIB of anonymous memory, writes every page and
+//!   unmaps it, ITERATIONS times (a fault-heavy load for `cargo xtask bench overhead`); prints
+//!   the elapsed nanoseconds.
 
 use std::{
     fs::File,
@@ -27,6 +30,7 @@ fn main() {
         "map-and-alloc" => map_and_alloc(arg(1), number(2), number(3)),
         "storm" => storm(arg(1), number(2)),
         "hog" => hog(number(1)),
+        "churn" => churn(number(1), number(2)),
         _ => usage(),
     }
 }
@@ -188,4 +192,27 @@ fn hog(mib_per_step: usize) {
         total += step;
         say(&format!(r#"{{"event":"allocated","bytes":{total}}}"#));
     }
+}
+
+fn churn(mib: usize, iterations: usize) {
+    say(&format!(
+        r#"{{"event":"waiting","pid":{}}}"#,
+        std::process::id()
+    ));
+    if !wait_for_line() {
+        return;
+    }
+    let len = mib << 20;
+    let start = std::time::Instant::now();
+    for _ in 0..iterations {
+        let block = anonymous(len);
+        touch_pages(block, len, true);
+        // SAFETY: unmapping the block we mapped.
+        unsafe { libc::munmap(block.cast(), len) };
+    }
+    let ns = start.elapsed().as_nanos();
+    say(&format!(
+        r#"{{"event":"churned","ns":{ns},"faults":{}}}"#,
+        iterations * len / PAGE
+    ));
 }
