@@ -18,9 +18,14 @@ use crate::{
     collect::{
         CollectError,
         cgroup::{self, CgroupLayout},
-        maps::{self, MappedFile},
-        memory,
+        maps::{self, MappedFile, Vma, VmaKind},
+        memory, pagemap,
         process::{self, ProcessCounters, ProcessIdentity},
+    },
+    model::{
+        self,
+        analysis::{AnonBlock, BlockSource, ProcessFacts},
+        discovery,
     },
     probes::{EventReader, OomVictim, ProbeError, ProbeOptions, Probes},
     report::{
@@ -340,6 +345,8 @@ fn build_report(
         high_bytes: cg.high_bytes,
     });
 
+    let model = model::analysis::analyze(&process_facts(state, &identity, &vmas));
+
     Ok(InspectReport {
         schema_version: SCHEMA_VERSION,
         pid,
@@ -374,12 +381,70 @@ fn build_report(
                 live: !a.freed,
             })
             .collect(),
+        model,
         sources: SourcesReport {
             ebpf: probes.is_some(),
             reason,
             probes: probes.map(probe_reports).unwrap_or_default(),
         },
     })
+}
+
+/// What the model analysis needs: every mapped file (libraries name runtimes), the files the
+/// probes saw mapped, open files, and the large anonymous blocks (candidate KV caches).
+fn process_facts(state: &ProcessState, identity: &ProcessIdentity, vmas: &[Vma]) -> ProcessFacts {
+    let mut mapped_files: Vec<(PathBuf, u64)> = Vec::new();
+    for vma in vmas {
+        if let Some(path) = vma.file() {
+            let resident = vma.rss.unwrap_or(0);
+            match mapped_files.iter_mut().find(|(p, _)| p == path) {
+                Some((_, total)) => *total += resident,
+                None => mapped_files.push((path.to_owned(), resident)),
+            }
+        }
+    }
+    let resident = |start: u64, bytes: u64| {
+        pagemap::populated_share(identity.pid, start, bytes)
+            .map(|share| (share * bytes as f64) as u64)
+    };
+    let probe_blocks = state
+        .live_allocations()
+        .filter(|a| a.origin == Origin::Probe)
+        .map(|a| AnonBlock {
+            address: a.addr,
+            bytes: a.bytes,
+            resident_bytes: resident(a.addr, a.bytes),
+            source: match a.kind {
+                AllocationKind::Mmap => BlockSource::ProbeMmap,
+                AllocationKind::Brk => BlockSource::ProbeBrk,
+                AllocationKind::Mremap => BlockSource::ProbeMremap,
+            },
+        });
+    let proc_blocks = vmas
+        .iter()
+        .filter(|v| {
+            matches!(v.kind, VmaKind::Anonymous | VmaKind::Heap) && v.size() >= LARGE_MAPPING_BYTES
+        })
+        .map(|v| AnonBlock {
+            address: v.start,
+            bytes: v.size(),
+            source: BlockSource::ProcMaps,
+            resident_bytes: resident(v.start, v.size()),
+        });
+    ProcessFacts {
+        exe: identity.exe.clone(),
+        cmdline: identity.cmdline.clone(),
+        environ: process::environ(identity.pid),
+        mapped_files,
+        mmap_event_files: state
+            .file_mappings
+            .values()
+            .filter(|m| m.origin == Origin::Probe)
+            .filter_map(|m| m.path.clone())
+            .collect(),
+        open_files: discovery::open_files(identity.pid),
+        anon_blocks: probe_blocks.chain(proc_blocks).collect(),
+    }
 }
 
 fn mapping_report(

@@ -4,6 +4,7 @@
 //! - [`probes`]: the eBPF probes (load, attach, read maps and events);
 //! - [`collect`]: what procfs and cgroupfs say about a process;
 //! - [`state`]: the per-process state built from both, which a daemon can keep live;
+//! - [`model`]: runtimes, model files and the memory they need;
 //! - [`report`]: the `inspect` report (a serde type) and its text rendering;
 //! - [`inspect`]: sampling one process for `infermem inspect`;
 //! - [`doctor`]: checks of the kernel features infermem needs or can use;
@@ -12,6 +13,7 @@
 pub mod collect;
 pub mod doctor;
 pub mod inspect;
+pub mod model;
 pub mod probes;
 pub mod report;
 pub mod state;

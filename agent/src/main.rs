@@ -6,8 +6,12 @@ use clap::{Parser, Subcommand};
 use infermem::{
     doctor,
     inspect::{self, InspectOptions},
+    model::{
+        ggml::GgmlType,
+        plan::{self, PlanRequest, Strategy},
+    },
     probes::{DEFAULT_BTF_PATH, ProbeOptions},
-    report,
+    report, units,
 };
 
 /// Keeps local and served AI models from being swapped out or OOM-killed.
@@ -36,6 +40,35 @@ enum Command {
         /// Fail instead of falling back to procfs when eBPF is unavailable.
         #[arg(long)]
         require_ebpf: bool,
+    },
+    /// Advise how to run a model file: GPU layers, context, expected RAM and VRAM.
+    Plan {
+        /// The model file (GGUF, or safetensors with its config.json beside it).
+        model: PathBuf,
+        /// Context to plan for, in tokens (default: the model's trained context).
+        #[arg(long)]
+        ctx: Option<u64>,
+        /// Parallel sequences (llama.cpp -np).
+        #[arg(long, default_value_t = 1)]
+        parallel: u64,
+        /// KV cache element type (f16, q8_0, q4_0, ...).
+        #[arg(long, default_value = "f16", value_parser = parse_cache_type)]
+        cache_type: GgmlType,
+        /// Plan without flash attention (llama.cpp then stores V transposed and needs an f16 V).
+        #[arg(long)]
+        no_flash_attn: bool,
+        /// GPU memory to plan for: bytes (24G, 8GiB...) or `auto` (free memory of the first
+        /// NVIDIA GPU; none without one).
+        #[arg(long, default_value = "auto")]
+        vram: String,
+        /// RAM to plan for: bytes or `auto` (MemAvailable).
+        #[arg(long, default_value = "auto")]
+        ram: String,
+        #[arg(long, value_enum, default_value_t = Strategy::Balanced)]
+        strategy: Strategy,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Check the kernel features infermem needs or can use.
     Doctor {
@@ -68,6 +101,39 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds * scale))
 }
 
+fn parse_cache_type(text: &str) -> Result<GgmlType, String> {
+    GgmlType::from_name(text).ok_or_else(|| {
+        format!(
+            "{text:?} is not a ggml type (f16, bf16, f32, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl)"
+        )
+    })
+}
+
+/// Reads `--ram`/`--vram`: bytes, or `auto` measured by `measure` (a note says what happened).
+fn budget(
+    text: &str,
+    what: &str,
+    measure: fn() -> Result<u64, String>,
+    notes: &mut Vec<String>,
+) -> Result<u64, String> {
+    if text != "auto" {
+        return units::parse_bytes(text);
+    }
+    match measure() {
+        Ok(bytes) => {
+            notes.push(format!(
+                "{what} budget: {} available now",
+                units::format_bytes(bytes)
+            ));
+            Ok(bytes)
+        }
+        Err(why) => {
+            notes.push(format!("{what} budget: 0 ({why})"));
+            Ok(0)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -94,6 +160,60 @@ fn main() -> ExitCode {
             },
             json,
         ),
+        Command::Plan {
+            model,
+            ctx,
+            parallel,
+            cache_type,
+            no_flash_attn,
+            vram,
+            ram,
+            strategy,
+            json,
+        } => {
+            let mut notes = Vec::new();
+            let budgets = budget(&ram, "RAM", plan::available_ram, &mut notes).and_then(|ram| {
+                Ok((
+                    ram,
+                    budget(&vram, "VRAM", plan::available_vram, &mut notes)?,
+                ))
+            });
+            let (ram_bytes, vram_bytes) = match budgets {
+                Ok(budgets) => budgets,
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let request = PlanRequest {
+                model,
+                ctx,
+                parallel,
+                cache_type,
+                flash_attn: !no_flash_attn,
+                ram_bytes,
+                vram_bytes,
+                strategy,
+            };
+            match plan::plan(&request) {
+                Ok(mut report) => {
+                    report.notes.splice(0..0, notes);
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&report).expect("serialisable")
+                        );
+                    } else {
+                        print!("{}", report::model_text::render_plan(&report));
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Doctor { json } => {
             let checks = doctor::run(&probes);
             if json {

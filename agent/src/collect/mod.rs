@@ -5,6 +5,7 @@
 pub mod cgroup;
 pub mod maps;
 pub mod memory;
+pub mod pagemap;
 pub mod process;
 
 use std::io;

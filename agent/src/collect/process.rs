@@ -50,6 +50,28 @@ pub fn identity(pid: u32) -> Result<ProcessIdentity, CollectError> {
     })
 }
 
+/// The environment of `pid` as `KEY=value` pairs; empty when unreadable (another user's
+/// process without privileges).
+pub fn environ(pid: u32) -> Vec<(String, String)> {
+    let Ok(environ) = open(pid).and_then(|p| {
+        p.environ()
+            .map_err(|e| CollectError::from_proc(pid, "environ", e))
+    }) else {
+        return Vec::new();
+    };
+    let mut pairs: Vec<(String, String)> = environ
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k.to_string_lossy().into_owned(),
+                v.to_string_lossy().into_owned(),
+            )
+        })
+        .collect();
+    pairs.sort();
+    pairs
+}
+
 /// Reads the fault counters of `pid`, checking that it is still the process `expected`.
 pub fn counters(expected: &ProcessIdentity) -> Result<ProcessCounters, CollectError> {
     let pid = expected.pid;

@@ -1,11 +1,13 @@
 //! The `inspect` report: a serde type whose JSON is a documented, stable contract (see the
-//! README), reused as-is by the local API later. [`text`] renders it for people.
+//! README), reused as-is by the local API later. [`text`] renders it for people, and
+//! [`model_text`] renders the model section and `infermem plan`.
 
+pub mod model_text;
 pub mod text;
 
 use serde::{Deserialize, Serialize};
 
-use crate::collect::cgroup::CgroupVersion;
+use crate::{collect::cgroup::CgroupVersion, model::analysis::ModelReport};
 
 /// Version of the JSON contract; bumped only on incompatible changes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -27,6 +29,9 @@ pub struct InspectReport {
     pub oom: OomReport,
     /// Large anonymous allocations the probes saw during sampling, newest first.
     pub allocations: Vec<AllocationReport>,
+    /// The model runtime and model; null for a process that is neither a known runtime nor
+    /// maps a model file.
+    pub model: Option<ModelReport>,
     pub sources: SourcesReport,
 }
 

@@ -113,6 +113,10 @@ pub fn render(report: &InspectReport) -> String {
         }
     }
 
+    if let Some(model) = &report.model {
+        super::model_text::render_model(w, model);
+    }
+
     let s = &report.sources;
     if s.ebpf {
         let drops: u64 = s.probes.iter().map(|p| p.ringbuf_drops + p.map_drops).sum();

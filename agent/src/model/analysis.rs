@@ -1,0 +1,523 @@
+//! The `model` section of `inspect`: which runtime a process is, which model files it uses,
+//! how it is configured, and what its model will cost in memory, with the n_ctx in effect
+//! read from its configuration or inferred from the KV cache allocation the kernel saw.
+
+use std::{path::PathBuf, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    config::{self, RuntimeConfig, Setting, SettingSource, llama_defaults},
+    discovery::{self, FoundBy, ModelFile, ModelFormat},
+    ggml::GgmlType,
+    memory::{self, ContextShape, Footprint, KvModel, Placement},
+    ollama,
+    profile::{self, ModelProfile},
+    runtime::{self, Evidence, ProcessEvidence, Runtime},
+};
+use crate::units::format_bytes;
+
+/// What `inspect` knows about a process, gathered from /proc and the probes.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessFacts {
+    pub exe: Option<PathBuf>,
+    pub cmdline: Vec<String>,
+    pub environ: Vec<(String, String)>,
+    /// Every mapped file with its resident bytes.
+    pub mapped_files: Vec<(PathBuf, u64)>,
+    /// Files the probes saw being mapped while sampling.
+    pub mmap_event_files: Vec<PathBuf>,
+    pub open_files: Vec<PathBuf>,
+    /// Large anonymous memory: allocations the probes saw and areas in /proc/<pid>/maps.
+    pub anon_blocks: Vec<AnonBlock>,
+}
+
+/// A large block of anonymous memory, a candidate KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnonBlock {
+    pub address: u64,
+    pub bytes: u64,
+    pub source: BlockSource,
+    /// Bytes of it in memory or swapped out (written at some point), from pagemap; null when
+    /// unknown.
+    pub resident_bytes: Option<u64>,
+}
+
+/// How a block was seen. Exactness differs: an mmap'd malloc chunk is the request plus at
+/// most a page of header and alignment; heap growth (brk) is the request give or take the
+/// heap's free top; /proc areas may be merged with neighbours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockSource {
+    ProbeMmap,
+    ProbeBrk,
+    ProbeMremap,
+    ProcMaps,
+}
+
+impl AnonBlock {
+    /// How far the block may be from the bytes it was requested for.
+    fn tolerance(&self) -> (u64, u64) {
+        match self.source {
+            // (below, above) the request.
+            // posix_memalign's chunk: a page of rounding, 64 bytes of alignment, a header.
+            BlockSource::ProbeMmap | BlockSource::ProbeMremap => (0, 8 << 10),
+            // Areas can be merged with a neighbouring allocation.
+            BlockSource::ProcMaps => (0, 64 << 10),
+            BlockSource::ProbeBrk => (1 << 20, 1 << 20),
+        }
+    }
+}
+
+/// The `model` section of the inspect report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelReport {
+    /// Runtime id, e.g. `llama-cpp`; `unknown` when only model-file mappings point at one.
+    pub runtime: Runtime,
+    /// The runtime's name for people, e.g. `llama.cpp`.
+    pub runtime_label: String,
+    pub runtime_evidence: Vec<Evidence>,
+    /// GPU device nodes the process has open.
+    pub gpu_devices: Vec<String>,
+    pub files: Vec<ModelFileReport>,
+    pub config: RuntimeConfig,
+    /// Memory prediction for the main model file; null when no file could be profiled.
+    pub prediction: Option<Prediction>,
+    /// What could not be worked out, and why.
+    pub notes: Vec<String>,
+}
+
+/// A model file and what it says about the model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelFileReport {
+    pub path: PathBuf,
+    pub format: ModelFormat,
+    pub size_bytes: u64,
+    pub found_by: Vec<FoundBy>,
+    pub shard: Option<(u32, u32)>,
+    /// Bytes of the file resident in the process's mappings.
+    pub resident_bytes: u64,
+    /// Null for formats infermem does not parse (PyTorch, ONNX) or when parsing failed.
+    pub profile: Option<ModelProfile>,
+    pub error: Option<String>,
+}
+
+/// Predicted memory of the main model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    pub model_file: PathBuf,
+    /// The context in effect, and whether it was read or inferred.
+    pub n_ctx: Option<Setting<u64>>,
+    /// The model's trained (maximum) context.
+    pub n_ctx_train: Option<u64>,
+    pub cache_type_k: String,
+    pub cache_type_v: String,
+    pub n_parallel: u64,
+    pub n_gpu_layers: i64,
+    pub flash_attn: bool,
+    /// Bytes of tensor data (all shards together).
+    pub weights_bytes: u64,
+    pub kv_bytes_per_token: u64,
+    /// KV cache allocated for the context in effect.
+    pub kv_bytes_now: Option<u64>,
+    /// KV cache at the trained context.
+    pub kv_bytes_at_max_ctx: Option<u64>,
+    pub peak_ram_bytes: Option<u64>,
+    pub peak_vram_bytes: Option<u64>,
+    /// The anonymous allocation identified as the KV cache, when one was.
+    pub kv_allocation: Option<AnonBlock>,
+    pub footprint: Option<Footprint>,
+}
+
+/// How long to wait for Ollama's API.
+const OLLAMA_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Builds the model section; `None` when the process is no model runtime and maps no model.
+pub fn analyze(facts: &ProcessFacts) -> Option<ModelReport> {
+    let candidates = facts
+        .mapped_files
+        .iter()
+        .map(|(p, _)| (p.clone(), FoundBy::Mapped))
+        .chain(
+            facts
+                .mmap_event_files
+                .iter()
+                .map(|p| (p.clone(), FoundBy::MmapEvent)),
+        )
+        .chain(
+            facts
+                .open_files
+                .iter()
+                .map(|p| (p.clone(), FoundBy::OpenFd)),
+        );
+    let files = discovery::recognise(candidates);
+    let to_string = |p: &PathBuf| p.to_string_lossy().into_owned();
+    let evidence = ProcessEvidence {
+        exe: facts.exe.as_ref().map(to_string),
+        cmdline: facts.cmdline.clone(),
+        environ: facts.environ.clone(),
+        mapped_files: facts
+            .mapped_files
+            .iter()
+            .map(|(p, _)| to_string(p))
+            .collect(),
+        open_files: facts.open_files.iter().map(to_string).collect(),
+        has_model_mappings: files.iter().any(|f| f.found_by.contains(&FoundBy::Mapped)),
+    };
+    let detection = runtime::detect(&evidence)?;
+    let mut notes = Vec::new();
+
+    let mut config = match detection.runtime {
+        Runtime::Vllm => config::parse_vllm(&facts.cmdline),
+        Runtime::Ollama => {
+            let mut config = config::parse_ollama_env(&facts.environ);
+            let address = ollama::api_address(&facts.environ);
+            match ollama::loaded_models(&address, OLLAMA_TIMEOUT) {
+                Ok(loaded) => config.ollama_loaded = Some(loaded),
+                Err(err) => notes.push(format!("Ollama's API at {address} did not answer: {err}")),
+            }
+            config
+        }
+        _ => config::parse_llama(&facts.cmdline, &facts.environ),
+    };
+
+    let files: Vec<ModelFileReport> = files.into_iter().map(|f| file_report(f, facts)).collect();
+    let prediction = predict(detection.runtime, &files, &mut config, facts, &mut notes);
+    Some(ModelReport {
+        runtime: detection.runtime,
+        runtime_label: detection.runtime.label().to_owned(),
+        runtime_evidence: detection.evidence,
+        gpu_devices: detection.gpu_devices,
+        files,
+        config,
+        prediction,
+        notes,
+    })
+}
+
+fn file_report(file: ModelFile, facts: &ProcessFacts) -> ModelFileReport {
+    let (profile, error) = match profile::profile_file(&file.path, file.format) {
+        Ok(profile) => (profile, None),
+        Err(err) => (None, Some(err)),
+    };
+    ModelFileReport {
+        resident_bytes: facts
+            .mapped_files
+            .iter()
+            .filter(|(p, _)| *p == file.path)
+            .map(|(_, r)| r)
+            .sum(),
+        path: file.path,
+        format: file.format,
+        size_bytes: file.size_bytes,
+        found_by: file.found_by,
+        shard: file.shard,
+        profile,
+        error,
+    }
+}
+
+/// The cache types tried, most likely first, when inferring the context from the KV cache
+/// allocation (sizes alone cannot tell f16 from bf16, so the first that fits is reported).
+const INFERENCE_TYPES: &[(&str, &str)] = &[
+    ("f16", "f16"),
+    ("q8_0", "q8_0"),
+    ("q4_0", "q4_0"),
+    ("f16", "q8_0"),
+    ("q8_0", "f16"),
+    ("f32", "f32"),
+    ("q4_1", "q4_1"),
+    ("q5_0", "q5_0"),
+    ("q5_1", "q5_1"),
+    ("iq4_nl", "iq4_nl"),
+    ("f16", "q4_0"),
+];
+
+fn predict(
+    runtime: Runtime,
+    files: &[ModelFileReport],
+    config: &mut RuntimeConfig,
+    facts: &ProcessFacts,
+    notes: &mut Vec<String>,
+) -> Option<Prediction> {
+    // The main model: the largest profiled file (its other shards are summed in).
+    let main = files.iter().find(|f| f.profile.is_some())?;
+    let profile = main.profile.as_ref()?;
+    let weights_bytes = match main.shard {
+        Some(_) => files
+            .iter()
+            .filter(|f| f.format == main.format && f.shard.is_some())
+            .filter_map(|f| f.profile.as_ref().map(|p| p.weight_bytes))
+            .sum(),
+        None => profile.weight_bytes,
+    };
+    let cache_type = |s: &Option<Setting<String>>| s.as_ref().map(|s| s.value.clone());
+    let flash_attn = config
+        .flash_attn
+        .as_ref()
+        .is_some_and(|s| s.value == "on" || s.value == "1" || s.value == "true");
+    let n_parallel = config
+        .n_parallel
+        .as_ref()
+        .map_or(llama_defaults::N_PARALLEL, |s| s.value);
+    let n_gpu_layers = config.n_gpu_layers.as_ref().map_or(0, |s| s.value);
+    let n_ubatch = config
+        .n_ubatch
+        .as_ref()
+        .map_or(llama_defaults::N_UBATCH, |s| s.value);
+    let unified = config.kv_unified.as_ref().is_some_and(|s| s.value);
+    let configured_k = cache_type(&config.cache_type_k)
+        .or_else(|| cache_type(&config.kv_cache_dtype).filter(|t| t != "auto"));
+    let configured_v = cache_type(&config.cache_type_v).or_else(|| configured_k.clone());
+    let mut type_k = configured_k
+        .clone()
+        .unwrap_or_else(|| llama_defaults::CACHE_TYPE.to_owned());
+    let mut type_v = configured_v
+        .clone()
+        .unwrap_or_else(|| llama_defaults::CACHE_TYPE.to_owned());
+
+    // n_ctx: read from the configuration, else inferred from the KV allocation, else the
+    // runtime's default.
+    let mut kv_allocation = None;
+    let read_ctx = config.n_ctx.clone().or_else(|| {
+        config.max_model_len.as_ref().map(|s| Setting {
+            value: s.value,
+            source: s.source,
+            detail: s.detail.clone(),
+        })
+    });
+    let inferred = if main.format == ModelFormat::Gguf {
+        let types: Vec<(String, String)> = match (&configured_k, &configured_v) {
+            (Some(k), Some(v)) => vec![(k.clone(), v.clone())],
+            _ => INFERENCE_TYPES
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        };
+        infer_ctx(profile, &facts.anon_blocks, &types, n_parallel, flash_attn)
+    } else {
+        None
+    };
+    let n_ctx = match (read_ctx, inferred) {
+        (Some(read), inferred) => {
+            if let Some(inf) = inferred
+                && read.value != 0
+                && memory::kv_cells(ContextShape::with_ctx(read.value), None, None).full
+                    != inf.n_ctx
+            {
+                notes.push(format!(
+                    "n_ctx {} was read ({}) but the KV allocation suggests {}",
+                    read.value, read.detail, inf.n_ctx
+                ));
+            }
+            Some(read)
+        }
+        (None, Some(inf)) => {
+            kv_allocation = Some(inf.block);
+            type_k = inf.type_k.clone();
+            type_v = inf.type_v.clone();
+            Some(Setting {
+                value: inf.n_ctx,
+                source: SettingSource::Inferred,
+                detail: format!(
+                    "{} anonymous block of {} at {:#x} = {} cells x {} per cell ({}/{} cache)",
+                    block_source_name(inf.block.source),
+                    format_bytes(inf.block.bytes),
+                    inf.block.address,
+                    inf.n_ctx,
+                    format_bytes(inf.per_cell),
+                    inf.type_k,
+                    inf.type_v
+                ),
+            })
+        }
+        (None, None)
+            if matches!(runtime, Runtime::LlamaCpp)
+                && facts.cmdline.iter().any(|a| a.contains("llama-")) =>
+        {
+            Some(Setting {
+                value: 0,
+                source: SettingSource::Default,
+                detail: "llama.cpp's default -c 0: the trained context".to_owned(),
+            })
+        }
+        (None, None) => {
+            notes.push("n_ctx is neither configured nor recognisable from the allocations seen; start inspect before the model loads to see its KV cache allocated".to_owned());
+            None
+        }
+    };
+    if let Some(setting) = &n_ctx
+        && config.n_ctx.is_none()
+        && matches!(
+            setting.source,
+            SettingSource::Inferred | SettingSource::Default
+        )
+    {
+        config.n_ctx = Some(setting.clone());
+    }
+
+    let mut prediction = Prediction {
+        model_file: main.path.clone(),
+        n_ctx: n_ctx.clone(),
+        n_ctx_train: profile.n_ctx_train,
+        cache_type_k: type_k.clone(),
+        cache_type_v: type_v.clone(),
+        n_parallel,
+        n_gpu_layers,
+        flash_attn,
+        weights_bytes,
+        kv_bytes_per_token: 0,
+        kv_bytes_now: None,
+        kv_bytes_at_max_ctx: None,
+        peak_ram_bytes: None,
+        peak_vram_bytes: None,
+        kv_allocation,
+        footprint: None,
+    };
+    let (Some(tk), Some(tv)) = (GgmlType::from_name(&type_k), GgmlType::from_name(&type_v)) else {
+        notes.push(format!("unknown KV cache type {type_k}/{type_v}"));
+        return Some(prediction);
+    };
+    let kv = match KvModel::new(profile, tk, tv, flash_attn) {
+        Ok(kv) => kv,
+        Err(err) => {
+            notes.push(format!("no KV prediction: {err}"));
+            return Some(prediction);
+        }
+    };
+    if profile.kv_lora_rank.is_some() {
+        notes.push(
+            "multi-head latent attention: KV sized as llama.cpp caches it (compressed rows, no V)"
+                .to_owned(),
+        );
+    }
+    prediction.kv_bytes_per_token = kv.bytes_per_token();
+    let shape = |n_ctx: u64| ContextShape {
+        n_ctx,
+        n_seq: n_parallel,
+        n_ubatch,
+        unified,
+    };
+    let at_max = profile.n_ctx_train.map(|train| {
+        kv.bytes(memory::kv_cells(
+            shape(train),
+            Some(train),
+            kv.sliding_window,
+        ))
+    });
+    prediction.kv_bytes_at_max_ctx = at_max;
+    if let Some(n_ctx) = &n_ctx {
+        let placement = Placement {
+            n_gpu_layers,
+            shape: shape(n_ctx.value),
+            type_k: tk,
+            type_v: tv,
+            flash_attn,
+        };
+        let mut f = memory::footprint(profile, &kv, &placement);
+        // Shards beyond the main file add weights on the CPU side of the estimate.
+        let extra = weights_bytes.saturating_sub(profile.weight_bytes);
+        f.weights_cpu_bytes += extra;
+        f.ram_bytes += extra;
+        prediction.kv_bytes_now = Some(f.kv_gpu_bytes + f.kv_cpu_bytes);
+        prediction.peak_ram_bytes = Some(f.ram_bytes);
+        prediction.peak_vram_bytes = Some(f.vram_bytes);
+        prediction.footprint = Some(f);
+    }
+    Some(prediction)
+}
+
+fn block_source_name(source: BlockSource) -> &'static str {
+    match source {
+        BlockSource::ProbeMmap => "mmap'd",
+        BlockSource::ProbeBrk => "heap (brk)",
+        BlockSource::ProbeMremap => "mremap'd",
+        BlockSource::ProcMaps => "/proc/<pid>/maps",
+    }
+}
+
+/// A context recognised from a KV cache allocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InferredCtx {
+    pub n_ctx: u64,
+    pub type_k: String,
+    pub type_v: String,
+    pub per_cell: u64,
+    pub block: AnonBlock,
+}
+
+/// Finds the KV cache among `blocks`: llama.cpp allocates the cache of its full-attention
+/// layers as one buffer of `cells × bytes per cell`, cells a multiple of 256 (× sequences).
+/// Blocks less than half resident are passed over (the cache is written as it is allocated;
+/// one that was swapped out since is missed). Every block is tried with every cache type
+/// pair in `types`; blocks the probes saw win over
+/// /proc areas, then the earlier (likelier) type pair, then the closest fit.
+pub fn infer_ctx(
+    profile: &ModelProfile,
+    blocks: &[AnonBlock],
+    types: &[(String, String)],
+    n_seq: u64,
+    flash_attn: bool,
+) -> Option<InferredCtx> {
+    // No context beyond 16 × the trained one (or 16M tokens) is believable.
+    let max_cells = profile
+        .n_ctx_train
+        .map_or(1 << 24, |t| t.saturating_mul(16).max(1 << 16));
+    let mut best: Option<((bool, usize, u64), InferredCtx)> = None;
+    for (rank, (k, v)) in types.iter().enumerate() {
+        let (Some(tk), Some(tv)) = (GgmlType::from_name(k), GgmlType::from_name(v)) else {
+            continue;
+        };
+        let Ok(kv) = KvModel::new(profile, tk, tv, flash_attn) else {
+            continue;
+        };
+        let per_cell = kv.full_bytes_per_cell();
+        if per_cell == 0 {
+            continue;
+        }
+        let step = per_cell * memory::KV_PAD;
+        for block in blocks {
+            // llama.cpp clears the cache as it allocates it, so it is resident; this tells it
+            // from same-sized blocks that are not (8 MiB + guard page thread stacks).
+            if block.resident_bytes.is_some_and(|r| r < block.bytes / 2) {
+                continue;
+            }
+            let (below, above) = block.tolerance();
+            // Tolerances narrower than half a step keep the match unique.
+            let (below, above) = (below.min(step / 2 - 1), above.min(step / 2 - 1));
+            let cells = (block.bytes + below) / step * memory::KV_PAD;
+            let expected = cells * per_cell;
+            let fits = cells > 0
+                && cells <= max_cells
+                && cells % (memory::KV_PAD * n_seq.max(1)) == 0
+                && block.bytes + below >= expected
+                && block.bytes <= expected + above
+                // A malloc'd mapping always carries its header: never exactly the request.
+                && (block.bytes != expected || matches!(block.source, BlockSource::ProbeBrk | BlockSource::ProcMaps));
+            if !fits {
+                continue;
+            }
+            let key = (
+                block.source == BlockSource::ProcMaps,
+                rank,
+                block.bytes.abs_diff(expected),
+            );
+            if best.as_ref().is_none_or(|(best_key, _)| key < *best_key) {
+                best = Some((
+                    key,
+                    InferredCtx {
+                        n_ctx: cells,
+                        type_k: k.clone(),
+                        type_v: v.clone(),
+                        per_cell,
+                        block: *block,
+                    },
+                ));
+            }
+        }
+    }
+    best.map(|(_, found)| found)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,117 @@
+use super::*;
+
+/// A GQA model: 16 layers, 8 heads of 64, 2 KV heads: f16 KV is 16 × 2 × 2 × 64 × 2 = 8 KiB
+/// per token.
+fn gqa() -> ModelProfile {
+    ModelProfile {
+        n_layer: Some(16),
+        n_ctx_train: Some(8192),
+        n_embd: Some(512),
+        n_head: Some(8),
+        n_head_kv: vec![2; 16],
+        head_dim_k: Some(64),
+        head_dim_v: Some(64),
+        ..Default::default()
+    }
+}
+
+fn block(bytes: u64, source: BlockSource) -> AnonBlock {
+    AnonBlock {
+        address: 0x7f00_0000_0000,
+        bytes,
+        source,
+        resident_bytes: None,
+    }
+}
+
+fn types() -> Vec<(String, String)> {
+    INFERENCE_TYPES
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+#[test]
+fn infers_the_context_from_an_mmapped_kv_cache() {
+    let blocks = [
+        block(3 << 20, BlockSource::ProbeMmap),
+        block(512 * 8192 + 4096, BlockSource::ProbeMmap),
+    ];
+    let found = infer_ctx(&gqa(), &blocks, &types(), 1, false).unwrap();
+    assert_eq!(
+        (found.n_ctx, found.type_k.as_str(), found.per_cell),
+        (512, "f16", 8192)
+    );
+    assert_eq!(found.block.bytes, 512 * 8192 + 4096);
+}
+
+#[test]
+fn infers_a_quantized_cache_and_heap_growth() {
+    // q8_0: 16 layers × 2 × (128 / 32 × 34) bytes = 4352 per cell; 1024 cells are 544 f16
+    // cells, not a multiple of 256, so f16 does not match first.
+    let q8 = infer_ctx(
+        &gqa(),
+        &[block(1024 * 4352 + 4096, BlockSource::ProbeMmap)],
+        &types(),
+        1,
+        true,
+    )
+    .unwrap();
+    assert_eq!(
+        (q8.n_ctx, q8.type_k.as_str(), q8.type_v.as_str()),
+        (1024, "q8_0", "q8_0")
+    );
+    // The heap grew by a little less than the cache (the top chunk had free space).
+    let brk = infer_ctx(
+        &gqa(),
+        &[block(2048 * 8192 - (100 << 10), BlockSource::ProbeBrk)],
+        &types(),
+        1,
+        false,
+    )
+    .unwrap();
+    assert_eq!(brk.n_ctx, 2048);
+}
+
+#[test]
+fn blocks_mostly_not_resident_are_not_the_cache() {
+    let stack = AnonBlock {
+        resident_bytes: Some(64 << 10),
+        ..block(1024 * 8192 + 4096, BlockSource::ProbeMmap)
+    };
+    let cache = AnonBlock {
+        resident_bytes: Some(1280 * 8192),
+        ..block(1280 * 8192 + 4096, BlockSource::ProbeMmap)
+    };
+    let found = infer_ctx(&gqa(), &[stack, cache], &types(), 1, false).unwrap();
+    assert_eq!(found.n_ctx, 1280);
+}
+
+#[test]
+fn unrelated_blocks_infer_nothing() {
+    let blocks = [
+        block(512 * 8192 + (300 << 10), BlockSource::ProbeMmap),
+        block(100 << 10, BlockSource::ProcMaps),
+    ];
+    assert_eq!(infer_ctx(&gqa(), &blocks, &types(), 1, false), None);
+    // Two sequences need a multiple of 512 cells.
+    assert_eq!(
+        infer_ctx(
+            &gqa(),
+            &[block(768 * 8192, BlockSource::ProbeMmap)],
+            &types(),
+            2,
+            false
+        ),
+        None
+    );
+}
+
+#[test]
+fn a_process_without_model_or_runtime_has_no_model_section() {
+    let facts = ProcessFacts {
+        cmdline: vec!["/bin/sleep".into(), "10".into()],
+        ..Default::default()
+    };
+    assert_eq!(analyze(&facts), None);
+}

@@ -1,0 +1,23 @@
+//! Model understanding: which runtime a process is, which model files it uses, what those
+//! files say about the model, and how much memory the model needs.
+//!
+//! - [`runtime`]: runtime detection from exe, cmdline, environment, libraries and devices;
+//! - [`discovery`]: finding model files among mapped and open files;
+//! - [`ggml`], [`gguf`], [`safetensors`]: bounded parsers of model file headers;
+//! - [`profile`]: the model as a file describes it;
+//! - [`config`], [`ollama`]: the runtime's configuration (cmdline, env, Ollama's API);
+//! - [`memory`]: KV cache, weights split, compute buffers, footprints;
+//! - [`analysis`]: the `model` section of `inspect`;
+//! - [`plan`]: placement advice for `infermem plan`.
+
+pub mod analysis;
+pub mod config;
+pub mod discovery;
+pub mod ggml;
+pub mod gguf;
+pub mod memory;
+pub mod ollama;
+pub mod plan;
+pub mod profile;
+pub mod runtime;
+pub mod safetensors;

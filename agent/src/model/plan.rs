@@ -1,0 +1,248 @@
+//! `infermem plan`: where to put a model (GPU layers) and how large a context it can have,
+//! given the RAM and VRAM there is, under one of four strategies.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    discovery::{self, ModelFormat},
+    ggml::GgmlType,
+    memory::{self, ContextShape, Footprint, KvModel, Placement},
+    profile::{self, ModelProfile},
+};
+
+/// What the plan optimises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// As many layers on the GPU as fit with the requested context; all memory may be used.
+    MaxPerformance,
+    /// Everything on the GPU; the context shrinks until it fits in VRAM.
+    FitVram,
+    /// As many GPU layers as fit while keeping 10 % of RAM and VRAM free for the rest of the
+    /// machine.
+    Balanced,
+    /// The placement that allows the longest context.
+    MaxContext,
+}
+
+/// What to plan for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanRequest {
+    pub model: PathBuf,
+    /// Requested context; `None` = the trained context.
+    pub ctx: Option<u64>,
+    pub parallel: u64,
+    pub cache_type: GgmlType,
+    pub flash_attn: bool,
+    pub ram_bytes: u64,
+    pub vram_bytes: u64,
+    pub strategy: Strategy,
+}
+
+/// The plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanReport {
+    pub model: PathBuf,
+    pub format: ModelFormat,
+    pub profile: ModelProfile,
+    pub strategy: Strategy,
+    pub ram_budget_bytes: u64,
+    pub vram_budget_bytes: u64,
+    pub cache_type: String,
+    pub flash_attn: bool,
+    pub parallel: u64,
+    pub kv_bytes_per_token: u64,
+    /// The context asked for (the trained context when none was).
+    pub requested_ctx: u64,
+    /// Whether the advice below fits the budgets.
+    pub fits: bool,
+    /// Advice: `-ngl` (layers on the GPU; `n_layer + 1` includes the output head).
+    pub n_gpu_layers: u32,
+    /// Advice: the context to run with.
+    pub n_ctx: u64,
+    /// The largest context that fits with that placement.
+    pub max_ctx: Option<u64>,
+    /// Expected memory at the advised placement and context.
+    pub footprint: Footprint,
+    pub notes: Vec<String>,
+}
+
+/// Why no plan could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("{0}: not a model file infermem can read (GGUF or safetensors)")]
+    Unrecognised(PathBuf),
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Model { path: PathBuf, message: String },
+}
+
+/// Share of the budgets the balanced strategy leaves free.
+const BALANCED_HEADROOM: f64 = 0.10;
+
+/// Profiles the model file and plans its placement.
+pub fn plan(request: &PlanRequest) -> Result<PlanReport, PlanError> {
+    let path = &request.model;
+    std::fs::File::open(path).map_err(|e| PlanError::Parse {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    let format = discovery::sniff(path).ok_or_else(|| PlanError::Unrecognised(path.clone()))?;
+    let profile = profile::profile_file(path, format)
+        .map_err(|message| PlanError::Parse {
+            path: path.clone(),
+            message,
+        })?
+        .ok_or_else(|| PlanError::Unrecognised(path.clone()))?;
+    plan_profile(request, format, profile)
+}
+
+/// Plans the placement of an already profiled model.
+pub fn plan_profile(
+    request: &PlanRequest,
+    format: ModelFormat,
+    profile: ModelProfile,
+) -> Result<PlanReport, PlanError> {
+    let model_error = |message: String| PlanError::Model {
+        path: request.model.clone(),
+        message,
+    };
+    let kv = KvModel::new(
+        &profile,
+        request.cache_type,
+        request.cache_type,
+        request.flash_attn,
+    )
+    .map_err(|e| model_error(e.to_string()))?;
+    let mut notes = Vec::new();
+    if !request.flash_attn && !matches!(request.cache_type.name(), "F16" | "F32" | "BF16") {
+        notes.push("llama.cpp needs flash attention for a quantized V cache".to_owned());
+    }
+    let n_layer = profile.n_layer.unwrap_or(0);
+    let requested_ctx = request.ctx.or(profile.n_ctx_train).unwrap_or(4096);
+    if let Some(train) = profile.n_ctx_train
+        && requested_ctx > train
+    {
+        notes.push(format!("the requested context {requested_ctx} is beyond the {train} tokens the model was trained for"));
+    }
+    let shape = ContextShape {
+        n_ctx: requested_ctx,
+        n_seq: request.parallel.max(1),
+        n_ubatch: 512,
+        unified: false,
+    };
+    let placement = |ngl: u32, n_ctx: u64| Placement {
+        n_gpu_layers: i64::from(ngl),
+        shape: ContextShape { n_ctx, ..shape },
+        type_k: request.cache_type,
+        type_v: request.cache_type,
+        flash_attn: request.flash_attn,
+    };
+    let (ram, vram) = match request.strategy {
+        Strategy::Balanced => (
+            (request.ram_bytes as f64 * (1.0 - BALANCED_HEADROOM)) as u64,
+            (request.vram_bytes as f64 * (1.0 - BALANCED_HEADROOM)) as u64,
+        ),
+        _ => (request.ram_bytes, request.vram_bytes),
+    };
+    let fits = |f: &Footprint| f.ram_bytes <= ram && f.vram_bytes <= vram;
+    let all_layers = n_layer + 1;
+    let ctx_limit = requested_ctx.max(profile.n_ctx_train.unwrap_or(0));
+    let largest = |ngl: u32, limit: u64| {
+        memory::largest_ctx(&profile, &kv, &placement(ngl, limit), ram, vram, limit)
+    };
+
+    let (ngl, n_ctx) = match request.strategy {
+        Strategy::MaxPerformance | Strategy::Balanced => {
+            // The most GPU layers with which the requested context fits.
+            let ngl = (0..=all_layers)
+                .rev()
+                .find(|&ngl| {
+                    fits(&memory::footprint(
+                        &profile,
+                        &kv,
+                        &placement(ngl, requested_ctx),
+                    ))
+                })
+                .unwrap_or(0);
+            (ngl, requested_ctx)
+        }
+        Strategy::FitVram => {
+            let ctx = largest(all_layers, requested_ctx);
+            if ctx.is_none() {
+                notes.push(
+                    "the weights do not fit in VRAM even with a 256-token context".to_owned(),
+                );
+            }
+            (all_layers, ctx.unwrap_or(memory::KV_PAD))
+        }
+        Strategy::MaxContext => {
+            // The placement with the longest context; more GPU layers break ties.
+            let best = (0..=all_layers)
+                .filter_map(|ngl| largest(ngl, ctx_limit).map(|ctx| (ctx, ngl)))
+                .max();
+            match best {
+                Some((ctx, ngl)) => (ngl, ctx),
+                None => (0, memory::KV_PAD),
+            }
+        }
+    };
+    let footprint = memory::footprint(&profile, &kv, &placement(ngl, n_ctx));
+    let max_ctx = largest(ngl, ctx_limit);
+    let fits_now = fits(&footprint);
+    if !fits_now {
+        notes.push(format!(
+            "does not fit: needs {} of RAM and {} of VRAM",
+            crate::units::format_bytes(footprint.ram_bytes),
+            crate::units::format_bytes(footprint.vram_bytes)
+        ));
+    }
+    Ok(PlanReport {
+        model: request.model.clone(),
+        format,
+        kv_bytes_per_token: kv.bytes_per_token(),
+        profile,
+        strategy: request.strategy,
+        ram_budget_bytes: request.ram_bytes,
+        vram_budget_bytes: request.vram_bytes,
+        cache_type: request.cache_type.name().to_ascii_lowercase(),
+        flash_attn: request.flash_attn,
+        parallel: shape.n_seq,
+        requested_ctx,
+        fits: fits_now,
+        n_gpu_layers: ngl,
+        n_ctx: footprint.n_ctx,
+        max_ctx,
+        footprint,
+        notes,
+    })
+}
+
+/// The RAM a model could use now: `MemAvailable` from /proc/meminfo.
+pub fn available_ram() -> Result<u64, String> {
+    use procfs::Current as _;
+    let meminfo =
+        procfs::Meminfo::current().map_err(|e| format!("cannot read /proc/meminfo: {e}"))?;
+    meminfo
+        .mem_available
+        .ok_or_else(|| "/proc/meminfo has no MemAvailable".to_owned())
+}
+
+/// The free memory of the first NVIDIA GPU, from NVML; an error says why there is none.
+pub fn available_vram() -> Result<u64, String> {
+    let nvml = nvml_wrapper::Nvml::init()
+        .map_err(|e| format!("NVML unavailable ({e}): no NVIDIA GPU or driver"))?;
+    let device = nvml
+        .device_by_index(0)
+        .map_err(|e| format!("no NVIDIA GPU: {e}"))?;
+    let memory = device
+        .memory_info()
+        .map_err(|e| format!("NVML memory info: {e}"))?;
+    Ok(memory.free)
+}
+
+#[cfg(test)]
+mod tests;

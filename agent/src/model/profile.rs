@@ -1,0 +1,326 @@
+//! What a model file says about the model: architecture, size, attention shape and how its
+//! bytes are spent. Built from a GGUF header, or from a safetensors header plus the Hugging
+//! Face `config.json` beside it.
+
+use std::{collections::BTreeMap, path::Path};
+
+use serde::{Deserialize, Serialize};
+
+use super::{discovery::ModelFormat, gguf::Gguf, safetensors::SafetensorsHeader};
+
+/// The model as the file describes it. Unknown values stay null; nothing is guessed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModelProfile {
+    /// `general.architecture` (GGUF) or `model_type` (config.json), e.g. `llama`, `qwen2`.
+    pub architecture: Option<String>,
+    /// `general.name`.
+    pub name: Option<String>,
+    /// The quantisation the file is sold as (`general.file_type`), e.g. `Q4_K_M`.
+    pub file_type: Option<String>,
+    /// Elements in all tensors.
+    pub parameter_count: u64,
+    /// Bytes of tensor data in the file.
+    pub weight_bytes: u64,
+    /// Transformer blocks.
+    pub n_layer: Option<u32>,
+    /// Context length the model was trained for.
+    pub n_ctx_train: Option<u64>,
+    pub n_embd: Option<u64>,
+    /// Feed-forward width (the largest, when it varies by layer).
+    pub n_ff: Option<u64>,
+    /// Attention heads (the first layer's, when they vary).
+    pub n_head: Option<u32>,
+    /// KV heads per layer (grouped-query attention when fewer than `n_head`); 0 = a layer
+    /// without KV cache.
+    pub n_head_kv: Vec<u32>,
+    /// Dimension of one key head and of one value head.
+    pub head_dim_k: Option<u32>,
+    pub head_dim_v: Option<u32>,
+    /// Sliding-window attention: window size and which layers use it.
+    pub sliding_window: Option<u32>,
+    pub swa_layers: Vec<u32>,
+    pub n_vocab: Option<u64>,
+    /// Experts per MoE layer.
+    pub n_expert: Option<u32>,
+    /// Multi-head latent attention (DeepSeek-V2/V3): compressed KV rank and rope dimension.
+    pub kv_lora_rank: Option<u32>,
+    pub rope_dim: Option<u32>,
+    /// Bytes and tensor counts per element type, largest first.
+    pub types: Vec<TypeShare>,
+    /// Bytes of each transformer block's tensors (`blk.N.*` in GGUF).
+    pub layer_bytes: Vec<u64>,
+    /// Token embedding bytes (stays on the CPU in llama.cpp).
+    pub token_embd_bytes: u64,
+    /// Output head and final norm bytes (offloaded last).
+    pub output_bytes: u64,
+    /// Every tensor: name, type, shape, bytes.
+    pub tensors: Vec<TensorSummary>,
+}
+
+/// Bytes spent on one element type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TypeShare {
+    pub dtype: String,
+    pub tensors: u32,
+    pub bytes: u64,
+}
+
+/// One tensor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorSummary {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<u64>,
+    pub bytes: u64,
+}
+
+/// Builds the profile of a GGUF file.
+pub fn from_gguf(g: &Gguf) -> ModelProfile {
+    let arch = g.architecture().map(str::to_owned);
+    let key = |k: &str| format!("{}.{k}", arch.as_deref().unwrap_or(""));
+    let u32_of = |k: &str| g.get_u64(&key(k)).and_then(|v| u32::try_from(v).ok());
+    let n_layer = u32_of("block_count");
+    let n_embd = g.get_u64(&key("embedding_length"));
+    let layers = n_layer.unwrap_or(0) as usize;
+
+    // head_count and head_count_kv are a number, or an array with one entry per layer.
+    let per_layer = |k: &str| -> Vec<u32> {
+        match g.get(&key(k)) {
+            Some(v) if v.as_array().is_some() => v
+                .as_array()
+                .and_then(|a| a.values.as_ref())
+                .map(|vals| {
+                    vals.iter()
+                        .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()).unwrap_or(0))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            Some(v) => v
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .map(|n| vec![n; layers])
+                .unwrap_or_default(),
+            None => Vec::new(),
+        }
+    };
+    let heads = per_layer("attention.head_count");
+    let mut heads_kv = per_layer("attention.head_count_kv");
+    if heads_kv.is_empty() {
+        // No KV head count means multi-head attention: as many KV heads as heads.
+        heads_kv = heads.clone();
+    }
+    let n_head = heads.iter().copied().find(|&h| h > 0);
+    let default_head_dim = match (n_embd, n_head) {
+        (Some(e), Some(h)) if h > 0 => u32::try_from(e / u64::from(h)).ok(),
+        _ => None,
+    };
+    let sliding_window = u32_of("attention.sliding_window");
+    let swa_layers = swa_layers(
+        g,
+        &key("attention.sliding_window_pattern"),
+        sliding_window,
+        layers,
+    );
+
+    let mut profile = ModelProfile {
+        name: g.get_str("general.name").map(str::to_owned),
+        file_type: g.file_type().map(|ft| {
+            super::ggml::file_type_name(ft).map_or_else(|| format!("unknown ({ft})"), str::to_owned)
+        }),
+        n_layer,
+        n_ctx_train: g.get_u64(&key("context_length")),
+        n_embd,
+        n_ff: g
+            .get(&key("feed_forward_length"))
+            .and_then(|v| match v.as_array() {
+                Some(a) => a.values.as_ref()?.iter().filter_map(|x| x.as_u64()).max(),
+                None => v.as_u64(),
+            }),
+        n_head,
+        n_head_kv: heads_kv,
+        head_dim_k: u32_of("attention.key_length").or(default_head_dim),
+        head_dim_v: u32_of("attention.value_length").or(default_head_dim),
+        sliding_window,
+        swa_layers,
+        n_vocab: g
+            .get_u64(&key("vocab_size"))
+            .or_else(|| g.get_array("tokenizer.ggml.tokens").map(|a| a.len)),
+        n_expert: u32_of("expert_count"),
+        kv_lora_rank: u32_of("attention.kv_lora_rank"),
+        rope_dim: u32_of("rope.dimension_count"),
+        architecture: arch,
+        ..Default::default()
+    };
+    let mut layer_bytes = vec![0u64; layers];
+    for t in &g.tensors {
+        let bytes = t.n_bytes();
+        profile.parameter_count = profile.parameter_count.saturating_add(t.n_elements());
+        profile.weight_bytes = profile.weight_bytes.saturating_add(bytes);
+        match layer_of(&t.name) {
+            Some(i) if i < layers => layer_bytes[i] += bytes,
+            _ if t.name.starts_with("token_embd") => profile.token_embd_bytes += bytes,
+            _ if t.name.starts_with("output") => profile.output_bytes += bytes,
+            _ => {}
+        }
+        profile.tensors.push(TensorSummary {
+            name: t.name.clone(),
+            dtype: t.ggml_type.name().to_owned(),
+            shape: t.dims.clone(),
+            bytes,
+        });
+    }
+    profile.layer_bytes = layer_bytes;
+    profile.types = type_shares(&profile.tensors);
+    profile
+}
+
+/// Which layers use the sliding window. GGUF says it with
+/// `<arch>.attention.sliding_window_pattern`: either one boolean per layer, or a period N
+/// meaning "every Nth layer is global, the others slide" (llama.cpp `set_swa_pattern`).
+fn swa_layers(g: &Gguf, key: &str, window: Option<u32>, layers: usize) -> Vec<u32> {
+    if window.is_none_or(|w| w == 0) {
+        return Vec::new();
+    }
+    let flags: Vec<bool> = match g.get(key) {
+        Some(v) => match v.as_array().and_then(|a| a.values.as_ref()) {
+            Some(values) => values
+                .iter()
+                .map(|x| x.as_bool().unwrap_or(false))
+                .collect(),
+            None => match v.as_u64() {
+                Some(0) | None => vec![true; layers],
+                Some(period) => (0..layers as u64)
+                    .map(|il| il % period < period - 1)
+                    .collect(),
+            },
+        },
+        // A window but no pattern: every layer slides (e.g. Mistral 7B v0.1).
+        None => vec![true; layers],
+    };
+    flags
+        .iter()
+        .enumerate()
+        .filter(|(_, swa)| **swa)
+        .map(|(i, _)| i as u32)
+        .collect()
+}
+
+/// `blk.12.attn_q.weight` → 12.
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
+}
+
+fn type_shares(tensors: &[TensorSummary]) -> Vec<TypeShare> {
+    let mut by_type: BTreeMap<&str, (u32, u64)> = BTreeMap::new();
+    for t in tensors {
+        let entry = by_type.entry(&t.dtype).or_default();
+        entry.0 += 1;
+        entry.1 += t.bytes;
+    }
+    let mut shares: Vec<TypeShare> = by_type
+        .into_iter()
+        .map(|(dtype, (tensors, bytes))| TypeShare {
+            dtype: dtype.to_owned(),
+            tensors,
+            bytes,
+        })
+        .collect();
+    shares.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+    shares
+}
+
+/// The subset of a Hugging Face `config.json` that decides memory.
+#[derive(Debug, Default, Deserialize)]
+struct HfConfig {
+    model_type: Option<String>,
+    num_hidden_layers: Option<u32>,
+    hidden_size: Option<u64>,
+    intermediate_size: Option<u64>,
+    num_attention_heads: Option<u32>,
+    num_key_value_heads: Option<u32>,
+    head_dim: Option<u32>,
+    max_position_embeddings: Option<u64>,
+    sliding_window: Option<u32>,
+    vocab_size: Option<u64>,
+    num_local_experts: Option<u32>,
+    n_routed_experts: Option<u32>,
+    kv_lora_rank: Option<u32>,
+    qk_rope_head_dim: Option<u32>,
+    /// Multimodal configs nest the language model here.
+    text_config: Option<Box<HfConfig>>,
+}
+
+/// Builds the profile of one safetensors file; `config.json` in the same directory (as Hugging
+/// Face lays models out) supplies the architecture, when present and well-formed.
+pub fn from_safetensors(path: &Path, header: &SafetensorsHeader) -> ModelProfile {
+    let mut profile = ModelProfile::default();
+    for t in &header.tensors {
+        profile.parameter_count = profile.parameter_count.saturating_add(t.n_elements());
+        profile.weight_bytes = profile.weight_bytes.saturating_add(t.n_bytes());
+        profile.tensors.push(TensorSummary {
+            name: t.name.clone(),
+            dtype: t.dtype.clone(),
+            shape: t.shape.clone(),
+            bytes: t.n_bytes(),
+        });
+    }
+    profile.types = type_shares(&profile.tensors);
+    profile.name = header.metadata.get("name").cloned();
+    if let Some(config) = path.parent().and_then(read_hf_config) {
+        apply_hf_config(&mut profile, &config);
+    }
+    profile
+}
+
+/// Reads `config.json` from a model directory, bounded to 1 MiB.
+fn read_hf_config(dir: &Path) -> Option<HfConfig> {
+    let path = dir.join("config.json");
+    if std::fs::metadata(&path).ok()?.len() > 1 << 20 {
+        return None;
+    }
+    let config: HfConfig = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    Some(match config.text_config {
+        Some(text) if config.num_hidden_layers.is_none() => HfConfig {
+            model_type: config.model_type.or(text.model_type.clone()),
+            ..*text
+        },
+        _ => config,
+    })
+}
+
+fn apply_hf_config(profile: &mut ModelProfile, c: &HfConfig) {
+    let layers = c.num_hidden_layers.unwrap_or(0) as usize;
+    profile.architecture = c.model_type.clone();
+    profile.n_layer = c.num_hidden_layers;
+    profile.n_embd = c.hidden_size;
+    profile.n_ff = c.intermediate_size;
+    profile.n_head = c.num_attention_heads;
+    let kv = c.num_key_value_heads.or(c.num_attention_heads);
+    profile.n_head_kv = kv.map(|kv| vec![kv; layers]).unwrap_or_default();
+    let head_dim = c.head_dim.or(match (c.hidden_size, c.num_attention_heads) {
+        (Some(e), Some(h)) if h > 0 => u32::try_from(e / u64::from(h)).ok(),
+        _ => None,
+    });
+    profile.head_dim_k = head_dim;
+    profile.head_dim_v = head_dim;
+    profile.n_ctx_train = c.max_position_embeddings;
+    profile.sliding_window = c.sliding_window;
+    profile.n_vocab = c.vocab_size;
+    profile.n_expert = c.num_local_experts.or(c.n_routed_experts);
+    profile.kv_lora_rank = c.kv_lora_rank;
+    profile.rope_dim = c.qk_rope_head_dim;
+}
+
+/// Reads and profiles a model file of a known format. GGUF and safetensors are parsed;
+/// PyTorch and ONNX files are only sized (their formats are not parsed here).
+pub fn profile_file(path: &Path, format: ModelFormat) -> Result<Option<ModelProfile>, String> {
+    match format {
+        ModelFormat::Gguf => super::gguf::parse_path(path)
+            .map(|g| Some(from_gguf(&g)))
+            .map_err(|e| e.to_string()),
+        ModelFormat::Safetensors => super::safetensors::parse_path(path)
+            .map(|h| Some(from_safetensors(path, &h)))
+            .map_err(|e| e.to_string()),
+        ModelFormat::Pytorch | ModelFormat::Onnx => Ok(None),
+    }
+}
