@@ -5,6 +5,7 @@
 //! broken probe.
 
 pub mod cgroup;
+pub mod llama;
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -54,6 +55,14 @@ pub fn infermem_bin() -> PathBuf {
 /// The test workload binary.
 pub fn workload_bin() -> PathBuf {
     sibling_bin("workload")
+}
+
+/// The workspace root (the tests crate lives in `tests/`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_owned()
 }
 
 /// A scratch directory for this test, on the target dir's disk (not a tmpfs).

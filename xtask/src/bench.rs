@@ -95,15 +95,18 @@ pub fn overhead(options: &Options) -> Result<()> {
             .is_ok_and(|o| o.status.success()),
         "bpftrace is needed as the baseline (Debian: apt-get install bpftrace)"
     );
-    cargo(&[
-        "build",
-        "--release",
-        "--package",
-        "infermem",
-        "--package",
-        "infermem-tests",
-        "--bins",
-    ])?;
+    cargo(
+        &[
+            "build",
+            "--release",
+            "--package",
+            "infermem",
+            "--package",
+            "infermem-tests",
+            "--bins",
+        ],
+        &[],
+    )?;
     let bins = profile_dir(true);
     // bpftrace (not infermem) needs tracefs for its tracepoints.
     let mounted_tracefs = mount_tracefs_for_bpftrace()?;

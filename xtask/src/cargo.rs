@@ -1,6 +1,7 @@
 //! Running cargo and the built binaries from the workspace root.
 
 use std::{
+    ffi::OsStr,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -23,11 +24,12 @@ pub fn profile_dir(release: bool) -> PathBuf {
     target.join(if release { "release" } else { "debug" })
 }
 
-/// Runs `cargo <args>` in the workspace root, inheriting stdio.
-pub fn cargo(args: &[&str]) -> Result<()> {
+/// Runs `cargo <args>` in the workspace root with extra environment `env`, inheriting stdio.
+pub fn cargo(args: &[&str], env: &[(&str, &OsStr)]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(&cargo)
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(workspace_root())
         .status()
         .with_context(|| format!("running {cargo} {}", args.join(" ")))?;
@@ -57,7 +59,7 @@ pub fn run_infermem(release: bool, args: &[String]) -> Result<()> {
     if release {
         build.push("--release");
     }
-    cargo(&build)?;
+    cargo(&build, &[])?;
     let bin = profile_dir(release).join("infermem");
     let status = Command::new(&bin)
         .args(args)
@@ -79,8 +81,11 @@ pub fn test(forwarded: &[String]) -> Result<()> {
         );
     }
     xtask::toolchain::ensure()?;
-    cargo(&["build", "--bins"])?;
+    let target = profile_dir(false).parent().expect("target dir").to_owned();
+    let python = crate::python::ensure_llama_env(&target)?;
+    cargo(&["build", "--bins"], &[])?;
     let mut args = vec!["test", "--no-fail-fast"];
     args.extend(forwarded.iter().map(String::as_str));
-    cargo(&args)
+    // The llama.cpp tests run their scripts with this interpreter.
+    cargo(&args, &[("INFERMEM_TEST_PYTHON", python.as_os_str())])
 }

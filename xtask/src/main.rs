@@ -2,6 +2,7 @@
 
 mod bench;
 mod cargo;
+mod python;
 
 use anyhow::{Result, bail};
 
@@ -12,7 +13,8 @@ tasks:
   bootstrap                 install the eBPF toolchain (nightly rust-src, matching bpf-linker)
   run [--release] [-- ARGS] build infermem and run it with ARGS (e.g. -- doctor)
   test [-- ARGS]            build everything and run the whole test suite (needs root: the
-                            end-to-end tests load eBPF programs and create memory cgroups)
+                            end-to-end tests load eBPF programs and create memory cgroups);
+                            provisions the llama.cpp tests' Python venv (wheel cached)
   bench overhead [--mib N] [--iterations N] [--rounds N]
                             time a fault-heavy workload with no tracing, with infermem's
                             probes, and with an equivalent bpftrace program; print ratios

@@ -1,0 +1,95 @@
+//! The Python environment of the llama.cpp end-to-end tests: a venv under `target/` with the
+//! `gguf` package (writes the test models) and llama-cpp-python, which builds llama.cpp from
+//! source. That build takes minutes, so its wheel is cached in `~/.cache/infermem/wheels` and
+//! built once per machine.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, ensure};
+
+/// llama-cpp-python's version; its vendored llama.cpp is what the tests check against.
+pub const LLAMA_CPP_PYTHON: &str = "0.3.36";
+
+/// Pinned pure-Python/binary dependencies of the tests' scripts.
+const PACKAGES: &[&str] = &[
+    "gguf==0.19.0",
+    "numpy==2.4.6",
+    "PyYAML==6.0.4",
+    "tqdm==4.70.1",
+    "requests==2.34.2",
+    "diskcache==5.6.3",
+    "Jinja2==3.1.6",
+    "MarkupSafe==3.0.4",
+    "typing_extensions==4.16.0",
+];
+
+/// Makes sure the venv exists with everything installed; returns its python.
+pub fn ensure_llama_env(target_dir: &Path) -> Result<PathBuf> {
+    let venv = target_dir.join("llama-venv");
+    let python = venv.join("bin/python");
+    let stamp = venv.join(format!(".infermem-llama-cpp-python-{LLAMA_CPP_PYTHON}"));
+    if stamp.exists() {
+        return Ok(python);
+    }
+    let wheel = cached_wheel()?;
+    if !python.exists() {
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    let pip = venv.join("bin/pip");
+    run(Command::new(&pip)
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(PACKAGES))?;
+    run(Command::new(&pip)
+        .args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--force-reinstall",
+        ])
+        .arg(&wheel))?;
+    std::fs::write(&stamp, "")?;
+    Ok(python)
+}
+
+/// The llama-cpp-python wheel, built from its PyPI source distribution on first use.
+fn cached_wheel() -> Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    let cache = PathBuf::from(home).join(".cache/infermem/wheels");
+    let name = format!("llama_cpp_python-{LLAMA_CPP_PYTHON}-py3-none-linux_x86_64.whl");
+    let wheel = cache.join(&name);
+    if wheel.exists() {
+        return Ok(wheel);
+    }
+    std::fs::create_dir_all(&cache)?;
+    eprintln!(
+        "building llama-cpp-python {LLAMA_CPP_PYTHON} (llama.cpp from source, CPU only): a few minutes, once"
+    );
+    let cores = std::thread::available_parallelism().map_or(2, usize::from);
+    run(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+        ])
+        .arg(format!("llama-cpp-python=={LLAMA_CPP_PYTHON}"))
+        .arg("--wheel-dir")
+        .arg(&cache)
+        .env("CMAKE_BUILD_PARALLEL_LEVEL", cores.to_string()))?;
+    ensure!(wheel.exists(), "pip built no {name} in {}", cache.display());
+    Ok(wheel)
+}
+
+fn run(command: &mut Command) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("running {command:?}"))?;
+    ensure!(status.success(), "{command:?} failed: {status}");
+    Ok(())
+}
