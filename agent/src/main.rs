@@ -46,10 +46,10 @@ enum Command {
         /// The model file (GGUF, or safetensors with its config.json beside it).
         model: PathBuf,
         /// Context to plan for, in tokens (default: the model's trained context).
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 26))]
         ctx: Option<u64>,
         /// Parallel sequences (llama.cpp -np).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=4096))]
         parallel: u64,
         /// KV cache element type (f16, q8_0, q4_0, ...).
         #[arg(long, default_value = "f16", value_parser = parse_cache_type)]

@@ -2,6 +2,7 @@
 
 mod bench;
 mod cargo;
+mod fuzz;
 mod python;
 
 use anyhow::{Result, bail};
@@ -15,6 +16,8 @@ tasks:
   test [-- ARGS]            build everything and run the whole test suite (needs root: the
                             end-to-end tests load eBPF programs and create memory cgroups);
                             provisions the llama.cpp tests' Python venv (wheel cached)
+  fuzz [--seconds N]        run the model file parsers' fuzz targets (cargo-fuzz, nightly) for
+                            N seconds each (default 60) from the seeds in agent/fuzz/seeds
   bench overhead [--mib N] [--iterations N] [--rounds N]
                             time a fault-heavy workload with no tracing, with infermem's
                             probes, and with an equivalent bpftrace program; print ratios
@@ -51,6 +54,7 @@ fn main() -> Result<()> {
                 .collect::<Vec<_>>();
             cargo::test(&forwarded)
         }
+        "fuzz" => fuzz::fuzz(&fuzz::Options::parse(rest)?),
         "bench" => match rest.split_first() {
             Some((which, options)) if which == "overhead" => {
                 bench::overhead(&bench::Options::parse(options)?)

@@ -29,6 +29,13 @@ pub struct LayerKv {
     pub sliding: bool,
 }
 
+impl LayerKv {
+    /// K and V bytes of one cell.
+    pub fn per_cell(&self) -> u64 {
+        self.k_bytes.saturating_add(self.v_bytes)
+    }
+}
+
 /// The KV cache layout of a model for given cache types.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvModel {
@@ -83,7 +90,7 @@ impl KvModel {
         let layers = if let Some(rank) = profile.kv_lora_rank.filter(|&r| r > 0) {
             let k_bytes = row(
                 type_k,
-                u64::from(rank) + u64::from(profile.rope_dim.unwrap_or(0)),
+                u64::from(rank).saturating_add(u64::from(profile.rope_dim.unwrap_or(0))),
             )?;
             (0..n_layer)
                 .map(|il| {
@@ -108,7 +115,7 @@ impl KvModel {
             let widest_v = profile
                 .n_head_kv
                 .iter()
-                .map(|&h| u64::from(h) * head_v)
+                .map(|&h| u64::from(h).saturating_mul(head_v))
                 .max()
                 .unwrap_or(0);
             profile
@@ -118,12 +125,12 @@ impl KvModel {
                 .map(|(il, &kv_heads)| {
                     let kv_heads = u64::from(kv_heads);
                     let v_width = if flash_attn || kv_heads == 0 {
-                        head_v * kv_heads
+                        head_v.saturating_mul(kv_heads)
                     } else {
                         widest_v
                     };
                     Ok(LayerKv {
-                        k_bytes: row(type_k, head_k * kv_heads)?,
+                        k_bytes: row(type_k, head_k.saturating_mul(kv_heads))?,
                         v_bytes: row(type_v, v_width)?,
                         sliding: sliding(il),
                     })
@@ -141,7 +148,9 @@ impl KvModel {
     /// Bytes one more token costs in every layer (sliding layers included, until their window
     /// is full).
     pub fn bytes_per_token(&self) -> u64 {
-        self.layers.iter().map(|l| l.k_bytes + l.v_bytes).sum()
+        self.layers
+            .iter()
+            .fold(0u64, |acc, l| acc.saturating_add(l.per_cell()))
     }
 
     /// Bytes per cell of the full-attention layers only.
@@ -149,8 +158,7 @@ impl KvModel {
         self.layers
             .iter()
             .filter(|l| !l.sliding)
-            .map(|l| l.k_bytes + l.v_bytes)
-            .sum()
+            .fold(0u64, |acc, l| acc.saturating_add(l.per_cell()))
     }
 
     /// Bytes per cell of the sliding-window layers only.
@@ -158,33 +166,33 @@ impl KvModel {
         self.layers
             .iter()
             .filter(|l| l.sliding)
-            .map(|l| l.k_bytes + l.v_bytes)
-            .sum()
+            .fold(0u64, |acc, l| acc.saturating_add(l.per_cell()))
     }
 
     /// KV bytes of a cache with `cells`.
     pub fn bytes(&self, cells: KvCells) -> u64 {
-        self.full_bytes_per_cell() * cells.full + self.sliding_bytes_per_cell() * cells.sliding
+        self.full_bytes_per_cell()
+            .saturating_mul(cells.full)
+            .saturating_add(self.sliding_bytes_per_cell().saturating_mul(cells.sliding))
     }
 
     /// KV bytes of the layers placed on the GPU (the last `gpu_layers` of the model), and of
     /// those on the CPU.
     pub fn split(&self, cells: KvCells, gpu_layers: u32) -> (u64, u64) {
         let first_gpu = self.layers.len().saturating_sub(gpu_layers as usize);
-        let mut gpu = 0;
-        let mut cpu = 0;
+        let mut gpu = 0u64;
+        let mut cpu = 0u64;
         for (il, layer) in self.layers.iter().enumerate() {
-            let per_cell = layer.k_bytes + layer.v_bytes;
-            let bytes = per_cell
-                * if layer.sliding {
-                    cells.sliding
-                } else {
-                    cells.full
-                };
-            if il >= first_gpu {
-                gpu += bytes;
+            let per_cell = layer.per_cell();
+            let bytes = per_cell.saturating_mul(if layer.sliding {
+                cells.sliding
             } else {
-                cpu += bytes;
+                cells.full
+            });
+            if il >= first_gpu {
+                gpu = gpu.saturating_add(bytes);
+            } else {
+                cpu = cpu.saturating_add(bytes);
             }
         }
         (gpu, cpu)
@@ -238,19 +246,21 @@ pub fn kv_cells(
     };
     let sliding_per_stream = match sliding_window {
         Some(window) if window > 0 => {
-            let window_cells = window * if shape.unified { n_seq } else { 1 } + shape.n_ubatch;
+            let window_cells = window
+                .saturating_mul(if shape.unified { n_seq } else { 1 })
+                .saturating_add(shape.n_ubatch);
             pad(per_stream.min(window_cells), KV_PAD)
         }
         _ => per_stream,
     };
     KvCells {
-        full: per_stream * streams,
-        sliding: sliding_per_stream * streams,
+        full: per_stream.saturating_mul(streams),
+        sliding: sliding_per_stream.saturating_mul(streams),
     }
 }
 
 fn pad(value: u64, to: u64) -> u64 {
-    value.div_ceil(to) * to
+    value.div_ceil(to).saturating_mul(to)
 }
 
 /// Where the weights go for a given `n_gpu_layers` (llama.cpp: the last `n` repeating layers
@@ -274,9 +284,11 @@ pub fn weight_split(profile: &ModelProfile, n_gpu_layers: i64) -> WeightSplit {
     };
     let gpu_layers = requested.clamp(0, n_layer) as usize;
     let first_gpu = profile.layer_bytes.len() - gpu_layers;
-    let mut gpu: u64 = profile.layer_bytes[first_gpu..].iter().sum();
+    let mut gpu: u64 = profile.layer_bytes[first_gpu..]
+        .iter()
+        .fold(0u64, |acc, b| acc.saturating_add(*b));
     if requested > n_layer {
-        gpu += profile.output_bytes;
+        gpu = gpu.saturating_add(profile.output_bytes);
     }
     WeightSplit {
         gpu_layers: gpu_layers as u32,
@@ -293,17 +305,24 @@ pub fn compute_bytes(profile: &ModelProfile, n_ctx: u64, n_ubatch: u64, flash_at
     let n_embd = profile.n_embd.unwrap_or(0);
     let n_head = u64::from(profile.n_head.unwrap_or(0));
     let n_vocab = profile.n_vocab.unwrap_or(0);
-    let n_ff = profile.n_ff.unwrap_or(4 * n_embd);
+    let n_ff = profile.n_ff.unwrap_or(n_embd.saturating_mul(4));
     let scores = if flash_attn {
         0
     } else {
-        n_ctx * n_ubatch * n_head * F32
+        n_ctx
+            .saturating_mul(n_ubatch)
+            .saturating_mul(n_head)
+            .saturating_mul(F32)
     };
-    let logits = n_vocab * n_ubatch * F32;
-    let ffn = 2 * n_ff * n_ubatch * F32;
-    let residual = 4 * n_embd * n_ubatch * F32;
-    let mask = n_ctx * n_ubatch * F32;
-    scores.max(logits).max(ffn) + residual + mask
+    let logits = n_vocab.saturating_mul(n_ubatch).saturating_mul(F32);
+    let ffn = n_ff.saturating_mul(n_ubatch).saturating_mul(2 * F32);
+    let residual = n_embd.saturating_mul(n_ubatch).saturating_mul(4 * F32);
+    let mask = n_ctx.saturating_mul(n_ubatch).saturating_mul(F32);
+    scores
+        .max(logits)
+        .max(ffn)
+        .saturating_add(residual)
+        .saturating_add(mask)
 }
 
 /// How a model is run: the knobs that decide its memory.
@@ -345,7 +364,14 @@ pub fn footprint(profile: &ModelProfile, kv: &KvModel, placement: &Placement) ->
     let compute = compute_bytes(profile, cells.full, ubatch, placement.flash_attn);
     let (compute_gpu, compute_cpu) = if weights.gpu_layers > 0 {
         // The CPU keeps a smaller buffer for what stays there (inputs, embeddings).
-        (compute, (profile.n_embd.unwrap_or(0) * ubatch * 4) * 2)
+        (
+            compute,
+            profile
+                .n_embd
+                .unwrap_or(0)
+                .saturating_mul(ubatch)
+                .saturating_mul(8),
+        )
     } else {
         (0, compute)
     };
@@ -359,8 +385,14 @@ pub fn footprint(profile: &ModelProfile, kv: &KvModel, placement: &Placement) ->
         kv_cpu_bytes: kv_cpu,
         compute_gpu_bytes: compute_gpu,
         compute_cpu_bytes: compute_cpu,
-        ram_bytes: weights.cpu_bytes + kv_cpu + compute_cpu,
-        vram_bytes: weights.gpu_bytes + kv_gpu + compute_gpu,
+        ram_bytes: weights
+            .cpu_bytes
+            .saturating_add(kv_cpu)
+            .saturating_add(compute_cpu),
+        vram_bytes: weights
+            .gpu_bytes
+            .saturating_add(kv_gpu)
+            .saturating_add(compute_gpu),
     }
 }
 

@@ -8,6 +8,21 @@ use serde::{Deserialize, Serialize};
 
 use super::{discovery::ModelFormat, gguf::Gguf, safetensors::SafetensorsHeader};
 
+/// Largest values believed from a model file; beyond them a value is treated as absent, so
+/// that a hostile header cannot make infermem allocate or compute without bound.
+pub mod limits {
+    /// Transformer blocks (the largest models have ~130).
+    pub const LAYERS: u32 = 4096;
+    /// Heads per layer.
+    pub const HEADS: u32 = 1 << 14;
+    /// Embedding, feed-forward and head widths.
+    pub const WIDTH: u64 = 1 << 20;
+    /// Vocabulary entries.
+    pub const VOCAB: u64 = 1 << 24;
+    /// Context lengths (trained context, sliding window), in tokens.
+    pub const CONTEXT: u64 = 1 << 26;
+}
+
 /// The model as the file describes it. Unknown values stay null; nothing is guessed.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ModelProfile {
@@ -79,8 +94,10 @@ pub fn from_gguf(g: &Gguf) -> ModelProfile {
     let arch = g.architecture().map(str::to_owned);
     let key = |k: &str| format!("{}.{k}", arch.as_deref().unwrap_or(""));
     let u32_of = |k: &str| g.get_u64(&key(k)).and_then(|v| u32::try_from(v).ok());
-    let n_layer = u32_of("block_count");
-    let n_embd = g.get_u64(&key("embedding_length"));
+    let n_layer = u32_of("block_count").filter(|&n| n <= limits::LAYERS);
+    let n_embd = g
+        .get_u64(&key("embedding_length"))
+        .filter(|&n| n <= limits::WIDTH);
     let layers = n_layer.unwrap_or(0) as usize;
 
     // head_count and head_count_kv are a number, or an array with one entry per layer.
@@ -91,13 +108,19 @@ pub fn from_gguf(g: &Gguf) -> ModelProfile {
                 .and_then(|a| a.values.as_ref())
                 .map(|vals| {
                     vals.iter()
-                        .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()).unwrap_or(0))
+                        .map(|x| {
+                            x.as_u64()
+                                .and_then(|n| u32::try_from(n).ok())
+                                .filter(|&n| n <= limits::HEADS)
+                                .unwrap_or(0)
+                        })
                         .collect()
                 })
                 .unwrap_or_default(),
             Some(v) => v
                 .as_u64()
                 .and_then(|n| u32::try_from(n).ok())
+                .filter(|&n| n <= limits::HEADS)
                 .map(|n| vec![n; layers])
                 .unwrap_or_default(),
             None => Vec::new(),
@@ -114,7 +137,9 @@ pub fn from_gguf(g: &Gguf) -> ModelProfile {
         (Some(e), Some(h)) if h > 0 => u32::try_from(e / u64::from(h)).ok(),
         _ => None,
     };
-    let sliding_window = u32_of("attention.sliding_window");
+    let sliding_window =
+        u32_of("attention.sliding_window").filter(|&w| u64::from(w) <= limits::CONTEXT);
+    let width = |v: Option<u32>| v.filter(|&w| u64::from(w) <= limits::WIDTH);
     let swa_layers = swa_layers(
         g,
         &key("attention.sliding_window_pattern"),
@@ -128,7 +153,9 @@ pub fn from_gguf(g: &Gguf) -> ModelProfile {
             super::ggml::file_type_name(ft).map_or_else(|| format!("unknown ({ft})"), str::to_owned)
         }),
         n_layer,
-        n_ctx_train: g.get_u64(&key("context_length")),
+        n_ctx_train: g
+            .get_u64(&key("context_length"))
+            .filter(|&n| n <= limits::CONTEXT),
         n_embd,
         n_ff: g
             .get(&key("feed_forward_length"))
@@ -138,16 +165,17 @@ pub fn from_gguf(g: &Gguf) -> ModelProfile {
             }),
         n_head,
         n_head_kv: heads_kv,
-        head_dim_k: u32_of("attention.key_length").or(default_head_dim),
-        head_dim_v: u32_of("attention.value_length").or(default_head_dim),
+        head_dim_k: width(u32_of("attention.key_length").or(default_head_dim)),
+        head_dim_v: width(u32_of("attention.value_length").or(default_head_dim)),
         sliding_window,
         swa_layers,
         n_vocab: g
             .get_u64(&key("vocab_size"))
-            .or_else(|| g.get_array("tokenizer.ggml.tokens").map(|a| a.len)),
+            .or_else(|| g.get_array("tokenizer.ggml.tokens").map(|a| a.len))
+            .filter(|&n| n <= limits::VOCAB),
         n_expert: u32_of("expert_count"),
-        kv_lora_rank: u32_of("attention.kv_lora_rank"),
-        rope_dim: u32_of("rope.dimension_count"),
+        kv_lora_rank: width(u32_of("attention.kv_lora_rank")),
+        rope_dim: width(u32_of("rope.dimension_count")),
         architecture: arch,
         ..Default::default()
     };
@@ -289,26 +317,57 @@ fn read_hf_config(dir: &Path) -> Option<HfConfig> {
 }
 
 fn apply_hf_config(profile: &mut ModelProfile, c: &HfConfig) {
-    let layers = c.num_hidden_layers.unwrap_or(0) as usize;
+    let width = |v: Option<u64>| v.filter(|&w| w <= limits::WIDTH);
+    let heads = |v: Option<u32>| v.filter(|&h| h <= limits::HEADS);
+    let n_layer = c.num_hidden_layers.filter(|&n| n <= limits::LAYERS);
+    let layers = n_layer.unwrap_or(0) as usize;
     profile.architecture = c.model_type.clone();
-    profile.n_layer = c.num_hidden_layers;
-    profile.n_embd = c.hidden_size;
-    profile.n_ff = c.intermediate_size;
-    profile.n_head = c.num_attention_heads;
-    let kv = c.num_key_value_heads.or(c.num_attention_heads);
+    profile.n_layer = n_layer;
+    profile.n_embd = width(c.hidden_size);
+    profile.n_ff = width(c.intermediate_size);
+    profile.n_head = heads(c.num_attention_heads);
+    let kv = heads(c.num_key_value_heads).or(profile.n_head);
     profile.n_head_kv = kv.map(|kv| vec![kv; layers]).unwrap_or_default();
-    let head_dim = c.head_dim.or(match (c.hidden_size, c.num_attention_heads) {
+    let head_dim = c.head_dim.or(match (profile.n_embd, profile.n_head) {
         (Some(e), Some(h)) if h > 0 => u32::try_from(e / u64::from(h)).ok(),
         _ => None,
     });
+    let head_dim = head_dim.filter(|&d| u64::from(d) <= limits::WIDTH);
     profile.head_dim_k = head_dim;
     profile.head_dim_v = head_dim;
-    profile.n_ctx_train = c.max_position_embeddings;
-    profile.sliding_window = c.sliding_window;
-    profile.n_vocab = c.vocab_size;
+    profile.n_ctx_train = c.max_position_embeddings.filter(|&n| n <= limits::CONTEXT);
+    profile.sliding_window = c
+        .sliding_window
+        .filter(|&w| u64::from(w) <= limits::CONTEXT);
+    profile.n_vocab = c.vocab_size.filter(|&n| n <= limits::VOCAB);
     profile.n_expert = c.num_local_experts.or(c.n_routed_experts);
-    profile.kv_lora_rank = c.kv_lora_rank;
-    profile.rope_dim = c.qk_rope_head_dim;
+    profile.kv_lora_rank = c.kv_lora_rank.filter(|&r| u64::from(r) <= limits::WIDTH);
+    profile.rope_dim = c
+        .qk_rope_head_dim
+        .filter(|&r| u64::from(r) <= limits::WIDTH);
+    // Where the bytes are, by Hugging Face tensor names (`model.layers.N.`, `lm_head`).
+    profile.layer_bytes = vec![0; layers];
+    for t in &profile.tensors {
+        match hf_layer_of(&t.name) {
+            Some(i) if i < layers => profile.layer_bytes[i] += t.bytes,
+            _ if t.name.contains("embed_tokens") || t.name.ends_with("wte.weight") => {
+                profile.token_embd_bytes += t.bytes
+            }
+            _ if t.name.starts_with("lm_head") || t.name.ends_with("model.norm.weight") => {
+                profile.output_bytes += t.bytes
+            }
+            _ => {}
+        }
+    }
+}
+
+/// `model.layers.12.self_attn.q_proj.weight` (or `transformer.h.12.…`) → 12.
+fn hf_layer_of(name: &str) -> Option<usize> {
+    let rest = name
+        .split_once("layers.")
+        .or_else(|| name.split_once(".h."))
+        .map(|(_, rest)| rest)?;
+    rest.split('.').next()?.parse().ok()
 }
 
 /// Reads and profiles a model file of a known format. GGUF and safetensors are parsed;

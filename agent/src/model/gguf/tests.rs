@@ -1,6 +1,8 @@
 //! Tests of the GGUF reader on headers written here byte by byte (the end-to-end tests read
 //! files written by the `gguf` Python package).
 
+use std::path::Path;
+
 use super::*;
 
 /// Writes GGUF headers for the tests.
@@ -292,4 +294,32 @@ fn tensors_are_checked_against_the_file() {
         parse_bytes(&alignment),
         Err(GgufError::Alignment(24))
     ));
+}
+
+#[test]
+fn reads_a_file_written_by_gguf_py() {
+    // agent/fuzz/seeds/make_seeds.py wrote it with the `gguf` package (the fuzzers' seed).
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/gguf/tiny-llama.gguf");
+    let g = parse_path(&path).unwrap();
+    assert_eq!((g.version, g.architecture()), (3, Some("llama")));
+    assert_eq!(g.get_u64("llama.block_count"), Some(2));
+    assert_eq!(g.get_u64("llama.attention.head_count_kv"), Some(2));
+    let strings = g
+        .get_array("test.strings")
+        .unwrap()
+        .values
+        .as_ref()
+        .unwrap();
+    assert_eq!(strings[1].as_str(), Some("bc"));
+    assert_eq!(g.get("test.f64"), Some(&Value::F64(0.5)));
+    let embd = g.tensor("token_embd.weight").unwrap();
+    // gguf-py writes numpy's shape reversed: (8, 32) becomes ne = [32, 8].
+    assert_eq!(
+        (embd.dims.as_slice(), embd.ggml_type.name(), embd.n_bytes()),
+        (&[32, 8][..], "F16", 512)
+    );
+    assert_eq!(
+        g.tensor("blk.0.attn_q.weight").unwrap().n_bytes(),
+        32 * 32 * 4
+    );
 }
