@@ -231,7 +231,10 @@ fn plan_advises_from_the_model_file() {
         .expect("run infermem plan");
     let tight: Value = serde_json::from_slice(&tight.stdout).expect("plan JSON");
     let ctx = tight["n_ctx"].as_u64().unwrap();
-    assert!(ctx >= 256 && ctx < 8192 && ctx % 256 == 0, "{tight}");
+    assert!(
+        (256..8192).contains(&ctx) && ctx.is_multiple_of(256),
+        "{tight}"
+    );
     assert!(
         tight["footprint"]["ram_bytes"].as_u64().unwrap() <= 60 << 20,
         "{tight}"

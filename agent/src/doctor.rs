@@ -235,10 +235,7 @@ fn memory_cgroup() -> Result<String, String> {
 fn psi() -> Result<String, String> {
     let path = Path::new("/proc/pressure/memory");
     match fs::read_to_string(path) {
-        Ok(text) => Ok(format!(
-            "{}",
-            text.lines().next().unwrap_or_default().trim()
-        )),
+        Ok(text) => Ok(text.lines().next().unwrap_or_default().trim().to_string()),
         Err(e) => Err(format!(
             "{}: {e} (needs CONFIG_PSI and psi=1)",
             path.display()

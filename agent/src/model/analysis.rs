@@ -90,11 +90,8 @@ pub struct ModelReport {
 /// A model file and what it says about the model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelFileReport {
-    pub path: PathBuf,
-    pub format: ModelFormat,
-    pub size_bytes: u64,
-    pub found_by: Vec<FoundBy>,
-    pub shard: Option<(u32, u32)>,
+    #[serde(flatten)]
+    pub file: ModelFile,
     /// Bytes of the file resident in the process's mappings.
     pub resident_bytes: u64,
     /// Null for formats infermem does not parse (PyTorch, ONNX) or when parsing failed.
@@ -200,18 +197,15 @@ fn file_report(file: ModelFile, facts: &ProcessFacts) -> ModelFileReport {
         Ok(profile) => (profile, None),
         Err(err) => (None, Some(err)),
     };
+    let resident_bytes = facts
+        .mapped_files
+        .iter()
+        .filter(|(p, _)| *p == file.path)
+        .map(|(_, r)| r)
+        .sum();
     ModelFileReport {
-        resident_bytes: facts
-            .mapped_files
-            .iter()
-            .filter(|(p, _)| *p == file.path)
-            .map(|(_, r)| r)
-            .sum(),
-        path: file.path,
-        format: file.format,
-        size_bytes: file.size_bytes,
-        found_by: file.found_by,
-        shard: file.shard,
+        file,
+        resident_bytes,
         profile,
         error,
     }
@@ -243,10 +237,10 @@ fn predict(
     // The main model: the largest profiled file (its other shards are summed in).
     let main = files.iter().find(|f| f.profile.is_some())?;
     let profile = main.profile.as_ref()?;
-    let weights_bytes = match main.shard {
+    let weights_bytes = match main.file.shard {
         Some(_) => files
             .iter()
-            .filter(|f| f.format == main.format && f.shard.is_some())
+            .filter(|f| f.file.format == main.file.format && f.file.shard.is_some())
             .filter_map(|f| f.profile.as_ref().map(|p| p.weight_bytes))
             .sum(),
         None => profile.weight_bytes,
@@ -286,7 +280,7 @@ fn predict(
             detail: s.detail.clone(),
         })
     });
-    let inferred = if main.format == ModelFormat::Gguf {
+    let inferred = if main.file.format == ModelFormat::Gguf {
         let types: Vec<(String, String)> = match (&configured_k, &configured_v) {
             (Some(k), Some(v)) => vec![(k.clone(), v.clone())],
             _ => INFERENCE_TYPES
@@ -357,7 +351,7 @@ fn predict(
     }
 
     let mut prediction = Prediction {
-        model_file: main.path.clone(),
+        model_file: main.file.path.clone(),
         n_ctx: n_ctx.clone(),
         n_ctx_train: profile.n_ctx_train,
         cache_type_k: type_k.clone(),
@@ -489,7 +483,7 @@ pub fn infer_ctx(
             let expected = cells * per_cell;
             let fits = cells > 0
                 && cells <= max_cells
-                && cells % (memory::KV_PAD * n_seq.max(1)) == 0
+                && cells.is_multiple_of(memory::KV_PAD * n_seq.max(1))
                 && block.bytes + below >= expected
                 && block.bytes <= expected + above
                 // A malloc'd mapping always carries its header: never exactly the request.

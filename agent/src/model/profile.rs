@@ -253,7 +253,7 @@ fn type_shares(tensors: &[TensorSummary]) -> Vec<TypeShare> {
             bytes,
         })
         .collect();
-    shares.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+    shares.sort_by_key(|s| std::cmp::Reverse(s.bytes));
     shares
 }
 

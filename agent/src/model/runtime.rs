@@ -204,19 +204,15 @@ pub fn detect(p: &ProcessEvidence) -> Option<Detection> {
         );
     }
 
-    // Environment.
-    for (key, _) in &p.environ {
-        let rule = if key.starts_with("VLLM_") {
-            Some((Runtime::Vllm, "vllm-env"))
-        } else if key.starts_with("OLLAMA_") && exe_name == "ollama" {
-            None // already named by its executable
-        } else {
-            None
-        };
-        if let Some((runtime, rule)) = rule {
-            push(&mut evidence, runtime, rule, EvidenceSource::Environ, key);
-            break;
-        }
+    // Environment: vLLM reads many VLLM_* variables; their presence names it.
+    if let Some((key, _)) = p.environ.iter().find(|(key, _)| key.starts_with("VLLM_")) {
+        push(
+            &mut evidence,
+            Runtime::Vllm,
+            "vllm-env",
+            EvidenceSource::Environ,
+            key,
+        );
     }
 
     // Mapped libraries.

@@ -31,9 +31,9 @@ pub fn render_model(w: &mut String, m: &ModelReport) {
         let _ = writeln!(
             w,
             "model    {} ({:?}, {}, {} resident)",
-            f.path.display(),
-            f.format,
-            format_bytes(f.size_bytes),
+            f.file.path.display(),
+            f.file.format,
+            format_bytes(f.file.size_bytes),
             format_bytes(f.resident_bytes)
         );
         match (&f.profile, &f.error) {
