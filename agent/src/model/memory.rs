@@ -436,3 +436,142 @@ pub fn largest_ctx(
     }
     Some(lo * KV_PAD)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn profile(n_head_kv: Vec<u32>) -> ModelProfile {
+        ModelProfile {
+            n_layer: Some(n_head_kv.len() as u32),
+            n_head_kv,
+            head_dim_k: Some(128),
+            head_dim_v: Some(128),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn contexts_are_padded_and_split_into_streams() {
+        let cells = |n_ctx, n_seq, unified, window| {
+            let shape = ContextShape {
+                n_ctx,
+                n_seq,
+                n_ubatch: 512,
+                unified,
+            };
+            kv_cells(shape, Some(8192), window)
+        };
+        assert_eq!(
+            cells(1100, 1, false, None),
+            KvCells {
+                full: 1280,
+                sliding: 1280
+            }
+        );
+        assert_eq!(
+            cells(0, 1, false, None).full,
+            8192,
+            "0 = the trained context"
+        );
+        // 4 streams of pad(4096 / 4) cells; unified: one stream of 4096.
+        assert_eq!(cells(4096, 4, false, None).full, 4096);
+        assert_eq!(
+            cells(1000, 3, false, None).full,
+            3 * 512,
+            "each stream padded"
+        );
+        // Sliding layers: min(n_ctx_seq, n_swa + n_ubatch) per stream, padded.
+        assert_eq!(cells(32768, 1, false, Some(4096)).sliding, 4608);
+        assert_eq!(cells(32768, 2, false, Some(4096)).sliding, 2 * 4608);
+        assert_eq!(cells(32768, 2, true, Some(4096)).sliding, 8704);
+        assert_eq!(
+            cells(1024, 1, false, Some(4096)).sliding,
+            1024,
+            "never more than the full cache"
+        );
+    }
+
+    #[test]
+    fn per_layer_heads_sliding_layers_and_latent_attention() {
+        let mut p = profile(vec![8, 8, 0, 4]);
+        p.swa_layers = vec![0, 1];
+        p.sliding_window = Some(1024);
+        let f16 = GgmlType::F16;
+        let fa = KvModel::new(&p, f16, f16, true).unwrap();
+        // K and V of 8 heads × 128 × 2 bytes, none for the layer without KV heads.
+        assert_eq!(
+            fa.layers.iter().map(LayerKv::per_cell).collect::<Vec<_>>(),
+            [4096, 4096, 0, 2048]
+        );
+        assert_eq!(
+            (fa.full_bytes_per_cell(), fa.sliding_bytes_per_cell()),
+            (2048, 8192)
+        );
+        let cells = KvCells {
+            full: 4096,
+            sliding: 1536,
+        };
+        assert_eq!(fa.bytes(cells), 2048 * 4096 + 8192 * 1536);
+        // Without flash attention V is as wide as the widest layer.
+        let no_fa = KvModel::new(&p, f16, f16, false).unwrap();
+        assert_eq!(no_fa.layers[3].v_bytes, 8 * 128 * 2);
+        // The last 2 layers on the GPU.
+        assert_eq!(fa.split(cells, 2), (2048 * 4096, 8192 * 1536));
+
+        let mut mla = profile(vec![128; 2]);
+        mla.kv_lora_rank = Some(512);
+        mla.rope_dim = Some(64);
+        let kv = KvModel::new(&mla, f16, f16, true).unwrap();
+        assert_eq!(
+            kv.bytes_per_token(),
+            2 * 576 * 2,
+            "one compressed row per layer, no V"
+        );
+        let q8 = GgmlType::from_name("q8_0").unwrap();
+        assert!(matches!(
+            KvModel::new(&profile(vec![1]), q8, q8, true),
+            Ok(_)
+        ));
+        let mut odd = profile(vec![1]);
+        odd.head_dim_k = Some(100);
+        assert!(matches!(
+            KvModel::new(&odd, q8, f16, true),
+            Err(ModelError::Row { .. })
+        ));
+    }
+
+    #[test]
+    fn weights_split_by_gpu_layers() {
+        let p = ModelProfile {
+            layer_bytes: vec![10, 20, 30],
+            output_bytes: 5,
+            token_embd_bytes: 7,
+            weight_bytes: 72,
+            ..Default::default()
+        };
+        assert_eq!(
+            weight_split(&p, 0),
+            WeightSplit {
+                gpu_layers: 0,
+                gpu_bytes: 0,
+                cpu_bytes: 72
+            }
+        );
+        assert_eq!(
+            weight_split(&p, 2),
+            WeightSplit {
+                gpu_layers: 2,
+                gpu_bytes: 50,
+                cpu_bytes: 22
+            }
+        );
+        assert_eq!(
+            weight_split(&p, 3).gpu_bytes,
+            60,
+            "the output head stays on the CPU"
+        );
+        assert_eq!(weight_split(&p, 4).gpu_bytes, 65);
+        assert_eq!(weight_split(&p, -1).gpu_bytes, 65, "-1 = all");
+    }
+}
