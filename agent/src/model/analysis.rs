@@ -13,7 +13,7 @@ use super::{
     memory::{self, ContextShape, Footprint, KvModel, Placement},
     ollama,
     profile::{self, ModelProfile},
-    runtime::{self, Evidence, ProcessEvidence, Runtime},
+    runtime::{self, Evidence, EvidenceSource, ProcessEvidence, Runtime},
 };
 use crate::units::format_bytes;
 
@@ -175,11 +175,17 @@ pub fn analyze(facts: &ProcessFacts) -> Option<ModelReport> {
             }
             config
         }
-        _ => config::parse_llama(&facts.cmdline, &facts.environ),
+        // llama.cpp's flags mean something only to its own programs: a Python program
+        // embedding libllama has flags of its own (`-c` may well be a config file).
+        _ if is_llama_program(&detection.evidence) => {
+            config::parse_llama(&facts.cmdline, &facts.environ)
+        }
+        _ => RuntimeConfig::default(),
     };
 
     let files: Vec<ModelFileReport> = files.into_iter().map(|f| file_report(f, facts)).collect();
-    let prediction = predict(detection.runtime, &files, &mut config, facts, &mut notes);
+    let llama_program = is_llama_program(&detection.evidence);
+    let prediction = predict(llama_program, &files, &mut config, facts, &mut notes);
     Some(ModelReport {
         runtime: detection.runtime,
         runtime_label: detection.runtime.label().to_owned(),
@@ -227,8 +233,17 @@ const INFERENCE_TYPES: &[(&str, &str)] = &[
     ("f16", "q4_0"),
 ];
 
+/// Whether the process is one of llama.cpp's programs (llama-server, llama-cli…) or Ollama's
+/// runner, which take llama.cpp's flags, rather than a program embedding libllama.
+fn is_llama_program(evidence: &[Evidence]) -> bool {
+    evidence.iter().any(|e| {
+        e.source == EvidenceSource::Exe
+            && matches!(e.runtime, Runtime::LlamaCpp | Runtime::OllamaRunner)
+    })
+}
+
 fn predict(
-    runtime: Runtime,
+    llama_program: bool,
     files: &[ModelFileReport],
     config: &mut RuntimeConfig,
     facts: &ProcessFacts,
@@ -246,10 +261,13 @@ fn predict(
         None => profile.weight_bytes,
     };
     let cache_type = |s: &Option<Setting<String>>| s.as_ref().map(|s| s.value.clone());
-    let flash_attn = config
-        .flash_attn
-        .as_ref()
-        .is_some_and(|s| s.value == "on" || s.value == "1" || s.value == "true");
+    // Flash attention: as configured; llama.cpp's programs default to `auto`, which turns it
+    // on wherever the backend supports it (the CPU does); embedders such as llama-cpp-python
+    // default to off. It changes the compute buffers, and V's layout.
+    let mut flash_attn = match &config.flash_attn {
+        Some(s) => matches!(s.value.as_str(), "on" | "1" | "true" | "auto"),
+        None => llama_program,
+    };
     let n_parallel = config
         .n_parallel
         .as_ref()
@@ -310,6 +328,10 @@ fn predict(
             kv_allocation = Some(inf.block);
             type_k = inf.type_k.clone();
             type_v = inf.type_v.clone();
+            if config.flash_attn.is_none() && !matches!(type_v.as_str(), "f16" | "bf16" | "f32") {
+                // llama.cpp refuses a quantized V cache without flash attention.
+                flash_attn = true;
+            }
             Some(Setting {
                 value: inf.n_ctx,
                 source: SettingSource::Inferred,
@@ -325,16 +347,11 @@ fn predict(
                 ),
             })
         }
-        (None, None)
-            if matches!(runtime, Runtime::LlamaCpp)
-                && facts.cmdline.iter().any(|a| a.contains("llama-")) =>
-        {
-            Some(Setting {
-                value: 0,
-                source: SettingSource::Default,
-                detail: "llama.cpp's default -c 0: the trained context".to_owned(),
-            })
-        }
+        (None, None) if llama_program => Some(Setting {
+            value: 0,
+            source: SettingSource::Default,
+            detail: "llama.cpp's default -c 0: the trained context".to_owned(),
+        }),
         (None, None) => {
             notes.push("n_ctx is neither configured nor recognisable from the allocations seen; start inspect before the model loads to see its KV cache allocated".to_owned());
             None

@@ -115,3 +115,44 @@ fn a_process_without_model_or_runtime_has_no_model_section() {
     };
     assert_eq!(analyze(&facts), None);
 }
+
+#[test]
+fn llama_flags_are_read_only_from_llama_programs() {
+    let python = ProcessFacts {
+        exe: Some("/usr/bin/python3.11".into()),
+        cmdline: vec![
+            "python3".into(),
+            "app.py".into(),
+            "-c".into(),
+            "config.yaml".into(),
+            "-fa".into(),
+        ],
+        mapped_files: vec![(
+            "/venv/lib/python3.11/site-packages/llama_cpp/lib/libllama.so".into(),
+            0,
+        )],
+        ..Default::default()
+    };
+    let report = analyze(&python).unwrap();
+    assert_eq!(report.runtime, Runtime::LlamaCpp);
+    assert_eq!(
+        report.config,
+        RuntimeConfig::default(),
+        "the script's -c is not llama.cpp's"
+    );
+
+    let server = ProcessFacts {
+        exe: Some("/usr/local/bin/llama-server".into()),
+        cmdline: vec![
+            "llama-server".into(),
+            "-m".into(),
+            "m.gguf".into(),
+            "-c".into(),
+            "8192".into(),
+        ],
+        ..Default::default()
+    };
+    let report = analyze(&server).unwrap();
+    let n_ctx = report.config.n_ctx.unwrap();
+    assert_eq!((n_ctx.value, n_ctx.source), (8192, SettingSource::Cmdline));
+}
