@@ -55,11 +55,11 @@ pub struct InspectOptions {
 pub enum InspectError {
     #[error(transparent)]
     Collect(#[from] CollectError),
-    #[error("{}", exited_message(*pid, comm, oom_kill.as_ref()))]
+    #[error("{}", exited_message(*pid, comm, oom_kill.as_deref()))]
     ExitedDuringSampling {
         pid: u32,
         comm: String,
-        oom_kill: Option<OomKillReport>,
+        oom_kill: Option<Box<OomKillReport>>,
     },
     #[error("eBPF is required (--require-ebpf) but unavailable: {0}")]
     EbpfRequired(ProbeError),
@@ -91,9 +91,11 @@ impl InspectError {
                 ("permission_denied", Some(*pid), None)
             }
             InspectError::Collect(CollectError::Other { pid, .. }) => ("other", Some(*pid), None),
-            InspectError::ExitedDuringSampling { pid, oom_kill, .. } => {
-                ("exited_during_sampling", Some(*pid), oom_kill.clone())
-            }
+            InspectError::ExitedDuringSampling { pid, oom_kill, .. } => (
+                "exited_during_sampling",
+                Some(*pid),
+                oom_kill.as_deref().cloned(),
+            ),
             InspectError::EbpfRequired(_) => ("ebpf_unavailable", None, None),
         };
         ErrorReport {
@@ -247,7 +249,7 @@ fn exited(state: &ProcessState) -> InspectError {
     let oom_kill = state
         .oom_kill
         .as_ref()
-        .map(|victim| oom_kill_report(state.identity.pid, victim));
+        .map(|victim| Box::new(oom_kill_report(state.identity.pid, victim)));
     InspectError::ExitedDuringSampling {
         pid: state.identity.pid,
         comm: state.identity.comm.clone(),

@@ -529,10 +529,7 @@ mod tests {
             "one compressed row per layer, no V"
         );
         let q8 = GgmlType::from_name("q8_0").unwrap();
-        assert!(matches!(
-            KvModel::new(&profile(vec![1]), q8, q8, true),
-            Ok(_)
-        ));
+        assert!(KvModel::new(&profile(vec![1]), q8, q8, true).is_ok());
         let mut odd = profile(vec![1]);
         odd.head_dim_k = Some(100);
         assert!(matches!(
