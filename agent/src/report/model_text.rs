@@ -8,6 +8,7 @@ use crate::{
     model::{
         analysis::ModelReport,
         config::{Setting, SettingSource},
+        discovery::ModelFormat,
         memory::Footprint,
         plan::PlanReport,
         profile::ModelProfile,
@@ -30,9 +31,9 @@ pub fn render_model(w: &mut String, m: &ModelReport) {
     for f in &m.files {
         let _ = writeln!(
             w,
-            "model    {} ({:?}, {}, {} resident)",
+            "model    {} ({}, {}, {} resident)",
             f.file.path.display(),
-            f.file.format,
+            format_name(f.file.format),
             format_bytes(f.file.size_bytes),
             format_bytes(f.resident_bytes)
         );
@@ -85,7 +86,12 @@ pub fn render_model(w: &mut String, m: &ModelReport) {
 pub fn render_plan(p: &PlanReport) -> String {
     let mut out = String::new();
     let w = &mut out;
-    let _ = writeln!(w, "model     {} ({:?})", p.model.display(), p.format);
+    let _ = writeln!(
+        w,
+        "model     {} ({})",
+        p.model.display(),
+        format_name(p.format)
+    );
     let _ = writeln!(w, "          {}", profile_line(&p.profile));
     let _ = writeln!(
         w,
@@ -171,6 +177,15 @@ fn profile_line(p: &ModelProfile) -> String {
     }
     parts.push(format!("weights {}", format_bytes(p.weight_bytes)));
     parts.join(", ")
+}
+
+fn format_name(format: ModelFormat) -> &'static str {
+    match format {
+        ModelFormat::Gguf => "GGUF",
+        ModelFormat::Safetensors => "safetensors",
+        ModelFormat::Pytorch => "PyTorch",
+        ModelFormat::Onnx => "ONNX",
+    }
 }
 
 fn provenance<T>(s: &Setting<T>) -> String {
