@@ -19,7 +19,7 @@ use crate::{
         CollectError,
         cgroup::{self, CgroupLayout},
         maps::{self, MappedFile, Vma, VmaKind},
-        memory, pagemap,
+        memory,
         process::{self, ProcessCounters, ProcessIdentity},
     },
     model::{
@@ -395,32 +395,18 @@ fn build_report(
 /// What the model analysis needs: every mapped file (libraries name runtimes), the files the
 /// probes saw mapped, open files, and the large anonymous blocks (candidate KV caches).
 fn process_facts(state: &ProcessState, identity: &ProcessIdentity, vmas: &[Vma]) -> ProcessFacts {
-    let mut mapped_files: Vec<(PathBuf, u64)> = Vec::new();
-    for vma in vmas {
-        if let Some(path) = vma.file() {
-            let resident = vma.rss.unwrap_or(0);
-            match mapped_files.iter_mut().find(|(p, _)| p == path) {
-                Some((_, total)) => *total += resident,
-                None => mapped_files.push((path.to_owned(), resident)),
-            }
-        }
-    }
-    let resident = |start: u64, bytes: u64| {
-        pagemap::populated_share(identity.pid, start, bytes)
-            .map(|share| (share * bytes as f64) as u64)
-    };
     let probe_blocks = state
         .live_allocations()
         .filter(|a| a.origin == Origin::Probe)
         .map(|a| AnonBlock {
             address: a.addr,
             bytes: a.bytes,
-            resident_bytes: resident(a.addr, a.bytes),
             source: match a.kind {
                 AllocationKind::Mmap => BlockSource::ProbeMmap,
                 AllocationKind::Brk => BlockSource::ProbeBrk,
                 AllocationKind::Mremap => BlockSource::ProbeMremap,
             },
+            resident_bytes: None,
         });
     let proc_blocks = vmas
         .iter()
@@ -431,13 +417,17 @@ fn process_facts(state: &ProcessState, identity: &ProcessIdentity, vmas: &[Vma])
             address: v.start,
             bytes: v.size(),
             source: BlockSource::ProcMaps,
-            resident_bytes: resident(v.start, v.size()),
+            resident_bytes: None,
         });
     ProcessFacts {
+        pid: identity.pid,
         exe: identity.exe.clone(),
         cmdline: identity.cmdline.clone(),
         environ: process::environ(identity.pid),
-        mapped_files,
+        mapped_files: maps::mapped_files(vmas, 0)
+            .into_iter()
+            .map(|f| (f.path, f.resident))
+            .collect(),
         mmap_event_files: state
             .file_mappings
             .values()

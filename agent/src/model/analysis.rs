@@ -15,11 +15,12 @@ use super::{
     profile::{self, ModelProfile},
     runtime::{self, Evidence, EvidenceSource, ProcessEvidence, Runtime},
 };
-use crate::units::format_bytes;
+use crate::{collect::pagemap, units::format_bytes};
 
 /// What `inspect` knows about a process, gathered from /proc and the probes.
 #[derive(Debug, Clone, Default)]
 pub struct ProcessFacts {
+    pub pid: u32,
     pub exe: Option<PathBuf>,
     pub cmdline: Vec<String>,
     pub environ: Vec<(String, String)>,
@@ -38,8 +39,8 @@ pub struct AnonBlock {
     pub address: u64,
     pub bytes: u64,
     pub source: BlockSource,
-    /// Bytes of it in memory or swapped out (written at some point), from pagemap; null when
-    /// unknown.
+    /// Bytes of it in memory or swapped out (written at some point), from pagemap; read only
+    /// for a block whose size fits a KV cache, null otherwise or when unknown.
     pub resident_bytes: Option<u64>,
 }
 
@@ -164,6 +165,7 @@ pub fn analyze(facts: &ProcessFacts) -> Option<ModelReport> {
     let detection = runtime::detect(&evidence)?;
     let mut notes = Vec::new();
 
+    let llama_program = is_llama_program(&detection.evidence);
     let mut config = match detection.runtime {
         Runtime::Vllm => config::parse_vllm(&facts.cmdline),
         Runtime::Ollama => {
@@ -177,14 +179,11 @@ pub fn analyze(facts: &ProcessFacts) -> Option<ModelReport> {
         }
         // llama.cpp's flags mean something only to its own programs: a Python program
         // embedding libllama has flags of its own (`-c` may well be a config file).
-        _ if is_llama_program(&detection.evidence) => {
-            config::parse_llama(&facts.cmdline, &facts.environ)
-        }
+        _ if llama_program => config::parse_llama(&facts.cmdline, &facts.environ),
         _ => RuntimeConfig::default(),
     };
 
     let files: Vec<ModelFileReport> = files.into_iter().map(|f| file_report(f, facts)).collect();
-    let llama_program = is_llama_program(&detection.evidence);
     let prediction = predict(llama_program, &files, &mut config, facts, &mut notes);
     Some(ModelReport {
         runtime: detection.runtime,
@@ -291,13 +290,10 @@ fn predict(
     // n_ctx: read from the configuration, else inferred from the KV allocation, else the
     // runtime's default.
     let mut kv_allocation = None;
-    let read_ctx = config.n_ctx.clone().or_else(|| {
-        config.max_model_len.as_ref().map(|s| Setting {
-            value: s.value,
-            source: s.source,
-            detail: s.detail.clone(),
-        })
-    });
+    let read_ctx = config
+        .n_ctx
+        .clone()
+        .or_else(|| config.max_model_len.clone());
     let inferred = if main.file.format == ModelFormat::Gguf {
         let types: Vec<(String, String)> = match (&configured_k, &configured_v) {
             (Some(k), Some(v)) => vec![(k.clone(), v.clone())],
@@ -306,7 +302,18 @@ fn predict(
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
         };
-        infer_ctx(profile, &facts.anon_blocks, &types, n_parallel, flash_attn)
+        let populated = |b: &AnonBlock| {
+            pagemap::populated_share(facts.pid, b.address, b.bytes)
+                .map(|share| (share * b.bytes as f64) as u64)
+        };
+        infer_ctx(
+            profile,
+            &facts.anon_blocks,
+            &types,
+            n_parallel,
+            flash_attn,
+            &populated,
+        )
     } else {
         None
     };
@@ -459,16 +466,19 @@ pub struct InferredCtx {
 
 /// Finds the KV cache among `blocks`: llama.cpp allocates the cache of its full-attention
 /// layers as one buffer of `cells × bytes per cell`, cells a multiple of 256 (× sequences).
-/// Blocks less than half resident are passed over (the cache is written as it is allocated;
-/// one that was swapped out since is missed). Every block is tried with every cache type
-/// pair in `types`; blocks the probes saw win over
-/// /proc areas, then the earlier (likelier) type pair, then the closest fit.
+/// Every block is tried with every cache type pair in `types`; blocks the probes saw win over
+/// /proc areas, then the earlier (likelier) type pair, then the closest fit. A block whose
+/// size fits is then asked `populated` (bytes written, from pagemap) and passed over when
+/// less than half written: llama.cpp clears the cache as it allocates it, which tells it from
+/// same-sized blocks that are not (8 MiB + guard page thread stacks); a cache swapped out
+/// since is missed.
 pub fn infer_ctx(
     profile: &ModelProfile,
     blocks: &[AnonBlock],
     types: &[(String, String)],
     n_seq: u64,
     flash_attn: bool,
+    populated: &dyn Fn(&AnonBlock) -> Option<u64>,
 ) -> Option<InferredCtx> {
     // No context beyond 16 × the trained one (or 16M tokens) is believable.
     let max_cells = profile
@@ -488,11 +498,6 @@ pub fn infer_ctx(
         }
         let step = per_cell * memory::KV_PAD;
         for block in blocks {
-            // llama.cpp clears the cache as it allocates it, so it is resident; this tells it
-            // from same-sized blocks that are not (8 MiB + guard page thread stacks).
-            if block.resident_bytes.is_some_and(|r| r < block.bytes / 2) {
-                continue;
-            }
             let (below, above) = block.tolerance();
             // Tolerances narrower than half a step keep the match unique.
             let (below, above) = (below.min(step / 2 - 1), above.min(step / 2 - 1));
@@ -513,18 +518,26 @@ pub fn infer_ctx(
                 rank,
                 block.bytes.abs_diff(expected),
             );
-            if best.as_ref().is_none_or(|(best_key, _)| key < *best_key) {
-                best = Some((
-                    key,
-                    InferredCtx {
-                        n_ctx: cells,
-                        type_k: k.clone(),
-                        type_v: v.clone(),
-                        per_cell,
-                        block: *block,
-                    },
-                ));
+            if best.as_ref().is_some_and(|(best_key, _)| *best_key <= key) {
+                continue;
             }
+            let resident_bytes = populated(block);
+            if resident_bytes.is_some_and(|r| r < block.bytes / 2) {
+                continue;
+            }
+            best = Some((
+                key,
+                InferredCtx {
+                    n_ctx: cells,
+                    type_k: k.clone(),
+                    type_v: v.clone(),
+                    per_cell,
+                    block: AnonBlock {
+                        resident_bytes,
+                        ..*block
+                    },
+                },
+            ));
         }
     }
     best.map(|(_, found)| found)

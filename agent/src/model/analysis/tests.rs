@@ -24,6 +24,11 @@ fn block(bytes: u64, source: BlockSource) -> AnonBlock {
     }
 }
 
+/// Residency not known (pagemap unreadable): no block is passed over for it.
+fn unknown(_: &AnonBlock) -> Option<u64> {
+    None
+}
+
 fn types() -> Vec<(String, String)> {
     INFERENCE_TYPES
         .iter()
@@ -37,7 +42,7 @@ fn infers_the_context_from_an_mmapped_kv_cache() {
         block(3 << 20, BlockSource::ProbeMmap),
         block(512 * 8192 + 4096, BlockSource::ProbeMmap),
     ];
-    let found = infer_ctx(&gqa(), &blocks, &types(), 1, false).unwrap();
+    let found = infer_ctx(&gqa(), &blocks, &types(), 1, false, &unknown).unwrap();
     assert_eq!(
         (found.n_ctx, found.type_k.as_str(), found.per_cell),
         (512, "f16", 8192)
@@ -55,6 +60,7 @@ fn infers_a_quantized_cache_and_heap_growth() {
         &types(),
         1,
         true,
+        &unknown,
     )
     .unwrap();
     assert_eq!(
@@ -68,23 +74,43 @@ fn infers_a_quantized_cache_and_heap_growth() {
         &types(),
         1,
         false,
+        &unknown,
     )
     .unwrap();
     assert_eq!(brk.n_ctx, 2048);
 }
 
 #[test]
-fn blocks_mostly_not_resident_are_not_the_cache() {
-    let stack = AnonBlock {
-        resident_bytes: Some(64 << 10),
-        ..block(1024 * 8192 + 4096, BlockSource::ProbeMmap)
+fn blocks_mostly_not_written_are_not_the_cache_and_only_fitting_blocks_are_read() {
+    let stack = block(1024 * 8192 + 4096, BlockSource::ProbeMmap);
+    let cache = block(1280 * 8192 + 4096, BlockSource::ProbeMmap);
+    let other = block(3 << 20, BlockSource::ProcMaps);
+    let asked = std::cell::RefCell::new(Vec::new());
+    let populated = |b: &AnonBlock| {
+        asked.borrow_mut().push(b.bytes);
+        // The thread stack has 64 KiB written; the cache was cleared whole.
+        Some(if b.bytes == stack.bytes {
+            64 << 10
+        } else {
+            b.bytes
+        })
     };
-    let cache = AnonBlock {
-        resident_bytes: Some(1280 * 8192),
-        ..block(1280 * 8192 + 4096, BlockSource::ProbeMmap)
-    };
-    let found = infer_ctx(&gqa(), &[stack, cache], &types(), 1, false).unwrap();
+    let found = infer_ctx(
+        &gqa(),
+        &[stack, other, cache],
+        &types(),
+        1,
+        false,
+        &populated,
+    )
+    .unwrap();
     assert_eq!(found.n_ctx, 1280);
+    assert_eq!(found.block.resident_bytes, Some(cache.bytes));
+    assert_eq!(
+        *asked.borrow(),
+        [stack.bytes, cache.bytes],
+        "pagemap read only for blocks that fit"
+    );
 }
 
 #[test]
@@ -93,7 +119,10 @@ fn unrelated_blocks_infer_nothing() {
         block(512 * 8192 + (300 << 10), BlockSource::ProbeMmap),
         block(100 << 10, BlockSource::ProcMaps),
     ];
-    assert_eq!(infer_ctx(&gqa(), &blocks, &types(), 1, false), None);
+    assert_eq!(
+        infer_ctx(&gqa(), &blocks, &types(), 1, false, &unknown),
+        None
+    );
     // Two sequences need a multiple of 512 cells.
     assert_eq!(
         infer_ctx(
@@ -101,7 +130,8 @@ fn unrelated_blocks_infer_nothing() {
             &[block(768 * 8192, BlockSource::ProbeMmap)],
             &types(),
             2,
-            false
+            false,
+            &unknown
         ),
         None
     );
