@@ -134,6 +134,14 @@ fn budget(
     }
 }
 
+/// Prints a report as pretty JSON on stdout.
+fn print_json(value: &impl serde::Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("reports serialise")
+    );
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -199,10 +207,7 @@ fn main() -> ExitCode {
                 Ok(mut report) => {
                     report.notes.splice(0..0, notes);
                     if json {
-                        println!(
-                            "{}",
-                            serde_json::to_string_pretty(&report).expect("serialisable")
-                        );
+                        print_json(&report);
                     } else {
                         print!("{}", report::model_text::render_plan(&report));
                     }
@@ -217,10 +222,7 @@ fn main() -> ExitCode {
         Command::Doctor { json } => {
             let checks = doctor::run(&probes);
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&checks).expect("serialisable")
-                );
+                print_json(&checks);
             } else {
                 print!("{}", doctor::render(&checks));
             }
@@ -241,10 +243,7 @@ fn run_inspect(options: InspectOptions, json: bool) -> ExitCode {
     match runtime.block_on(inspect::inspect(&options)) {
         Ok(report) => {
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).expect("serialisable")
-                );
+                print_json(&report);
             } else {
                 print!("{}", report::text::render(&report));
                 if let Some(reason) = &report.sources.reason {
@@ -257,10 +256,7 @@ fn run_inspect(options: InspectOptions, json: bool) -> ExitCode {
         }
         Err(err) => {
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&err.to_report()).expect("serialisable")
-                );
+                print_json(&err.to_report());
             }
             eprintln!("error: {err}");
             ExitCode::FAILURE
