@@ -145,17 +145,19 @@ pub async fn inspect(options: &InspectOptions) -> Result<InspectReport, InspectE
     }
     let reader = probes.as_mut().and_then(Probes::take_event_reader);
 
+    // Both baselines are read before sampling is announced: faults that follow the
+    // announcement must land in the window, per mapping as well as in total.
     let start = sample(&identity, probes.as_ref())?;
+    let start_mapping_faults = file_faults(
+        probes.as_ref(),
+        pid,
+        &maps::mapped_files(&start_vmas, LARGE_MAPPING_BYTES),
+    );
     tracing::info!(
         pid,
         ebpf = probes.is_some(),
         "sampling started for {:?}",
         options.duration
-    );
-    let start_mapping_faults = file_faults(
-        probes.as_ref(),
-        pid,
-        &maps::mapped_files(&start_vmas, LARGE_MAPPING_BYTES),
     );
     watch(&mut state, reader, options.duration).await;
     if state.ended.is_some() || state.oom_kill.is_some() || process::still_alive(&identity).is_err()
