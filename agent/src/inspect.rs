@@ -355,7 +355,7 @@ fn build_report(
         schema_version: SCHEMA_VERSION,
         pid,
         comm: identity.comm,
-        cmdline: identity.cmdline,
+        cmdline: model::redact::cmdline(&identity.cmdline),
         cgroup,
         memory: MemoryReport {
             rss_bytes: usage.rss,

@@ -8,11 +8,13 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     config::{self, RuntimeConfig, Setting, SettingSource, llama_defaults},
-    discovery::{self, FoundBy, ModelFile, ModelFormat},
+    discovery::{self, FoundBy, ModelFile, ModelFormat, Recognised},
     ggml::GgmlType,
     memory::{self, ContextShape, Footprint, KvModel, Placement},
     ollama,
+    open::ProcessFiles,
     profile::{self, ModelProfile},
+    redact,
     runtime::{self, Evidence, EvidenceSource, ProcessEvidence, Runtime},
 };
 use crate::{collect::pagemap, units::format_bytes};
@@ -148,11 +150,12 @@ pub fn analyze(facts: &ProcessFacts) -> Option<ModelReport> {
                 .iter()
                 .map(|p| (p.clone(), FoundBy::OpenFd)),
         );
-    let files = discovery::recognise(candidates);
+    let process_files = ProcessFiles::new(facts.pid);
+    let files = discovery::recognise(candidates, |p| process_files.open(p));
     let to_string = |p: &PathBuf| p.to_string_lossy().into_owned();
     let evidence = ProcessEvidence {
         exe: facts.exe.as_ref().map(to_string),
-        cmdline: facts.cmdline.clone(),
+        cmdline: redact::cmdline(&facts.cmdline),
         environ: facts.environ.clone(),
         mapped_files: facts
             .mapped_files
@@ -160,7 +163,9 @@ pub fn analyze(facts: &ProcessFacts) -> Option<ModelReport> {
             .map(|(p, _)| to_string(p))
             .collect(),
         open_files: facts.open_files.iter().map(to_string).collect(),
-        has_model_mappings: files.iter().any(|f| f.found_by.contains(&FoundBy::Mapped)),
+        has_model_mappings: files
+            .iter()
+            .any(|f| f.file.found_by.contains(&FoundBy::Mapped)),
     };
     let detection = runtime::detect(&evidence)?;
     let mut notes = Vec::new();
@@ -170,10 +175,9 @@ pub fn analyze(facts: &ProcessFacts) -> Option<ModelReport> {
         Runtime::Vllm => config::parse_vllm(&facts.cmdline),
         Runtime::Ollama => {
             let mut config = config::parse_ollama_env(&facts.environ);
-            let address = ollama::api_address(&facts.environ);
-            match ollama::loaded_models(&address, OLLAMA_TIMEOUT) {
+            match ollama::ask_own_server(facts.pid, &facts.environ, OLLAMA_TIMEOUT) {
                 Ok(loaded) => config.ollama_loaded = Some(loaded),
-                Err(err) => notes.push(format!("Ollama's API at {address} did not answer: {err}")),
+                Err(err) => notes.push(err),
             }
             config
         }
@@ -183,7 +187,10 @@ pub fn analyze(facts: &ProcessFacts) -> Option<ModelReport> {
         _ => RuntimeConfig::default(),
     };
 
-    let files: Vec<ModelFileReport> = files.into_iter().map(|f| file_report(f, facts)).collect();
+    let files: Vec<ModelFileReport> = files
+        .into_iter()
+        .map(|f| file_report(f, facts, &process_files))
+        .collect();
     let prediction = predict(llama_program, &files, &mut config, facts, &mut notes);
     Some(ModelReport {
         runtime: detection.runtime,
@@ -197,8 +204,13 @@ pub fn analyze(facts: &ProcessFacts) -> Option<ModelReport> {
     })
 }
 
-fn file_report(file: ModelFile, facts: &ProcessFacts) -> ModelFileReport {
-    let (profile, error) = match profile::profile_file(&file.path, file.format) {
+fn file_report(
+    Recognised { file, opened }: Recognised,
+    facts: &ProcessFacts,
+    process_files: &ProcessFiles,
+) -> ModelFileReport {
+    let open = |p: &std::path::Path| process_files.open(p);
+    let (profile, error) = match profile::profile_opened(&opened, file.format, &open) {
         Ok(profile) => (profile, None),
         Err(err) => (None, Some(err)),
     };

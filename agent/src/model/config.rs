@@ -76,7 +76,7 @@ pub struct RuntimeConfig {
     pub kv_cache_dtype: Option<Setting<String>>,
     pub tensor_parallel_size: Option<Setting<u64>>,
     pub max_num_seqs: Option<Setting<u64>>,
-    /// Ollama: its `OLLAMA_*` environment, verbatim.
+    /// Ollama: its `OLLAMA_*` environment (secret-looking values redacted).
     pub ollama_env: Vec<(String, String)>,
     /// Ollama: the models `/api/ps` says are loaded, when its API answered.
     pub ollama_loaded: Option<Vec<super::ollama::LoadedModel>>,
@@ -219,10 +219,9 @@ pub fn parse_vllm(cmdline: &[String]) -> RuntimeConfig {
 /// flash attention and how many models stay loaded).
 pub fn parse_ollama_env(environ: &[(String, String)]) -> RuntimeConfig {
     let mut config = RuntimeConfig {
-        ollama_env: environ
-            .iter()
+        ollama_env: super::redact::environ(environ)
+            .into_iter()
             .filter(|(k, _)| k.starts_with("OLLAMA_"))
-            .cloned()
             .collect(),
         ..Default::default()
     };
@@ -467,6 +466,7 @@ mod tests {
             ("OLLAMA_NUM_PARALLEL", "4"),
             ("OLLAMA_KV_CACHE_TYPE", "q8_0"),
             ("OLLAMA_FLASH_ATTENTION", "1"),
+            ("OLLAMA_AUTH_TOKEN", "s3cret"),
             ("HOME", "/root"),
         ]
         .iter()
@@ -477,7 +477,8 @@ mod tests {
         assert_eq!(c.n_parallel.unwrap().value, 4);
         assert_eq!(c.cache_type_v.unwrap().value, "q8_0");
         assert_eq!(c.flash_attn.unwrap().value, "on");
-        assert_eq!(c.ollama_env.len(), 4);
+        assert_eq!(c.ollama_env.len(), 5);
+        assert_eq!(c.ollama_env[4].1, super::super::redact::REDACTED);
     }
 
     #[test]

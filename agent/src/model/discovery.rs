@@ -3,12 +3,13 @@
 //! (Ollama's blobs have no extension).
 
 use std::{
-    fs::File,
-    io::Read as _,
+    os::unix::fs::FileExt as _,
     path::{Path, PathBuf},
 };
 
 use serde::{Deserialize, Serialize};
+
+use super::open::{self, OpenError, OpenedFile};
 
 /// Model file formats infermem recognises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -47,9 +48,15 @@ pub struct ModelFile {
 /// Files smaller than this are not considered model weights.
 pub const MIN_MODEL_BYTES: u64 = 1 << 20;
 
-/// Recognises a model file by extension and magic bytes; `None` for anything else (shared
-/// libraries, fonts, databases…). Reads at most 16 bytes.
+/// Recognises the model file at `path` (opened safely); `None` for anything else.
 pub fn sniff(path: &Path) -> Option<ModelFormat> {
+    sniff_file(&open::open_regular(path).ok()?)
+}
+
+/// Recognises an open model file by extension and magic bytes; `None` for anything else
+/// (shared libraries, fonts, databases…). Reads at most 16 bytes.
+pub fn sniff_file(file: &OpenedFile) -> Option<ModelFormat> {
+    let path = &file.path;
     let extension = path
         .extension()
         .and_then(|e| e.to_str())
@@ -62,10 +69,9 @@ pub fn sniff(path: &Path) -> Option<ModelFormat> {
     if name.contains(".so") || extension == "py" {
         return None;
     }
-    let mut file = File::open(path).ok()?;
-    let size = file.metadata().ok()?.len();
+    let size = file.size;
     let mut head = [0u8; 16];
-    let n = file.read(&mut head).ok()?;
+    let n = file.file.read_at(&mut head, 0).ok()?;
     let head = &head[..n];
     if head.starts_with(b"GGUF") {
         return Some(ModelFormat::Gguf);
@@ -88,42 +94,56 @@ pub fn sniff(path: &Path) -> Option<ModelFormat> {
     None
 }
 
-/// Collects the model files among `candidates` (paths with how each was found), merging
-/// duplicates and skipping small or unrecognised files.
-pub fn recognise(candidates: impl IntoIterator<Item = (PathBuf, FoundBy)>) -> Vec<ModelFile> {
-    let mut files: Vec<ModelFile> = Vec::new();
+/// A model file found, with the descriptor it was recognised on (to be parsed on the same).
+#[derive(Debug)]
+pub struct Recognised {
+    pub file: ModelFile,
+    pub opened: OpenedFile,
+}
+
+/// Collects the model files among `candidates` (paths with how each was found), each opened
+/// once with `open`, merging duplicates and skipping small, special or unrecognised files.
+pub fn recognise(
+    candidates: impl IntoIterator<Item = (PathBuf, FoundBy)>,
+    open: impl Fn(&Path) -> Result<OpenedFile, OpenError>,
+) -> Vec<Recognised> {
+    let mut files: Vec<Recognised> = Vec::new();
     for (path, how) in candidates {
-        if let Some(existing) = files.iter_mut().find(|f| f.path == path) {
-            if !existing.found_by.contains(&how) {
-                existing.found_by.push(how);
+        if let Some(existing) = files.iter_mut().find(|f| f.file.path == path) {
+            if !existing.file.found_by.contains(&how) {
+                existing.file.found_by.push(how);
             }
             continue;
         }
-        let Ok(metadata) = std::fs::metadata(&path) else {
+        let Ok(opened) = open(&path) else {
             continue;
         };
-        if !metadata.is_file() || metadata.len() < MIN_MODEL_BYTES {
+        if opened.size < MIN_MODEL_BYTES {
             continue;
         }
-        let Some(format) = sniff(&path) else {
+        let Some(format) = sniff_file(&opened) else {
             continue;
         };
         let shard = path
             .file_name()
             .and_then(|n| n.to_str())
             .and_then(super::safetensors::shard_info);
-        files.push(ModelFile {
-            path,
-            format,
-            size_bytes: metadata.len(),
-            found_by: vec![how],
-            shard,
+        files.push(Recognised {
+            file: ModelFile {
+                path,
+                format,
+                size_bytes: opened.size,
+                found_by: vec![how],
+                shard,
+            },
+            opened,
         });
     }
     files.sort_by(|a, b| {
-        b.size_bytes
-            .cmp(&a.size_bytes)
-            .then_with(|| a.path.cmp(&b.path))
+        b.file
+            .size_bytes
+            .cmp(&a.file.size_bytes)
+            .then_with(|| a.file.path.cmp(&b.file.path))
     });
     files
 }
@@ -141,7 +161,7 @@ pub fn open_files(pid: u32) -> Vec<PathBuf> {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write as _;
+    use std::{fs::File, io::Write as _};
 
     use super::*;
 
@@ -176,13 +196,19 @@ mod tests {
         assert_eq!(sniff(&other), None);
         let small = scratch("tiny.gguf", b"GGUF", 10);
 
-        let found = recognise([
-            (gguf.clone(), FoundBy::Mapped),
-            (gguf.clone(), FoundBy::OpenFd),
-            (safetensors.clone(), FoundBy::OpenFd),
-            (other, FoundBy::Mapped),
-            (small, FoundBy::Mapped),
-        ]);
+        let found: Vec<ModelFile> = recognise(
+            [
+                (gguf.clone(), FoundBy::Mapped),
+                (gguf.clone(), FoundBy::OpenFd),
+                (safetensors.clone(), FoundBy::OpenFd),
+                (other, FoundBy::Mapped),
+                (small, FoundBy::Mapped),
+            ],
+            open::open_regular,
+        )
+        .into_iter()
+        .map(|r| r.file)
+        .collect();
         assert_eq!(found.len(), 2);
         let gguf_file = found.iter().find(|f| f.path == gguf).unwrap();
         assert_eq!(gguf_file.found_by, vec![FoundBy::Mapped, FoundBy::OpenFd]);

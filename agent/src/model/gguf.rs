@@ -1,16 +1,21 @@
 //! A bounded reader of GGUF headers (v2 and v3): the metadata key-values, every value type
 //! including nested arrays, and the tensor infos. Only the header is read, never the tensor
 //! data, and model files are untrusted: every count is checked against the bytes left in the
-//! file before anything is allocated, large arrays are counted but not kept, and malformed
-//! input is an error, never a panic.
+//! header and against fixed limits before anything is read, nothing is reserved for a count
+//! (vectors grow as entries are actually read), everything kept is charged to a per-file
+//! memory budget independent of the file's length, large arrays are skipped over (seeking past
+//! fixed-size elements) and only counted, and malformed input is an error, never a panic.
 
 use std::{
-    fs::File,
-    io::{BufReader, Read},
+    collections::HashSet,
+    io::{BufReader, Read, Seek, SeekFrom},
     path::Path,
 };
 
-use super::ggml::GgmlType;
+use super::{
+    ggml::GgmlType,
+    open::{self, OpenError, OpenedFile},
+};
 
 /// Arrays with more elements than this are skipped over, keeping only their type and length
 /// (tokenizer vocabularies have 100k+ entries that infermem never needs).
@@ -21,12 +26,30 @@ pub const MAX_STRING: u64 = 1 << 20;
 pub const MAX_DEPTH: u32 = 8;
 /// Dimensions of a tensor (GGML_MAX_DIMS).
 pub const MAX_DIMS: u32 = 4;
+/// Most tensors accepted in one file. The largest real models have tens of thousands:
+/// DeepSeek-V3/R1 and Kimi-K2 GGUF files hold ~1,000-2,000 tensors per file (their experts
+/// are merged into one tensor per layer), per-expert exports over 40,000, and DeepSeek-V3's
+/// safetensors ~91,000 over all its shards; this is 10x beyond any of them.
+pub const MAX_TENSORS: u64 = 1 << 20;
+/// Most metadata key-values accepted (real files have 30 to a few hundred).
+pub const MAX_KEYS: u64 = 1 << 16;
+/// Most bytes the header (key-values and tensor infos) may span. The largest real headers
+/// carry 256 Ki-token vocabularies (Gemma 3: 262,144 tokens with their scores and types) and
+/// merges lists: ~10-20 MiB. Walking 256 MiB of short strings takes well under a second.
+pub const MAX_HEADER_BYTES: u64 = 256 << 20;
+/// Most memory the parsed header may take (strings, values and tensor infos kept, as
+/// charged by [`Reader::charge`]), whatever the file's length: a real header keeps a few
+/// MiB (vocabularies are not kept); 1 Mi tensor infos need ~100 MiB, so for headers past
+/// ~600 Ki tensors this budget is the limit that binds.
+pub const MAX_PARSED_BYTES: u64 = 64 << 20;
 
 /// Why a file is not a readable GGUF header.
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
     #[error("cannot read the file: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Open(#[from] OpenError),
     #[error("not a GGUF file (no GGUF magic)")]
     NotGguf,
     #[error("big-endian GGUF files are not supported")]
@@ -35,13 +58,27 @@ pub enum GgufError {
     Version(u32),
     #[error("the header is truncated: it ends at byte {0} while reading {1}")]
     Truncated(u64, &'static str),
-    #[error("{what} count {count} at byte {at} cannot fit in the {left} bytes left in the file")]
+    #[error(
+        "{what} count {count} at byte {at} cannot fit in the {left} bytes left of the header (bounded by the file's length and the {MAX_HEADER_BYTES}-byte header limit)"
+    )]
     Count {
         what: &'static str,
         count: u64,
         at: u64,
         left: u64,
     },
+    #[error("{count} {what}: more than the {limit} accepted")]
+    Limit {
+        what: &'static str,
+        count: u64,
+        limit: u64,
+    },
+    #[error("the header extends past byte {MAX_HEADER_BYTES}, the most accepted")]
+    HeaderTooLong,
+    #[error(
+        "the header needs more than the {MAX_PARSED_BYTES} bytes of memory accepted (at byte {0})"
+    )]
+    Budget(u64),
     #[error("unknown metadata value type {0} at byte {1}")]
     ValueType(u32, u64),
     #[error("arrays nested deeper than {MAX_DEPTH} levels at byte {0}")]
@@ -197,24 +234,30 @@ impl Gguf {
     }
 }
 
-/// Reads the GGUF header of the file at `path`.
+/// Reads the GGUF header of the file at `path` (opened safely: a regular file or an error).
 pub fn parse_path(path: &Path) -> Result<Gguf, GgufError> {
-    let file = File::open(path)?;
-    let size = file.metadata()?.len();
-    parse(BufReader::with_capacity(1 << 16, file), size)
+    parse_file(&open::open_regular(path)?)
+}
+
+/// Reads the GGUF header of an open file, from its start.
+pub fn parse_file(file: &OpenedFile) -> Result<Gguf, GgufError> {
+    let mut reader = &file.file;
+    reader.seek(SeekFrom::Start(0))?;
+    parse(reader, file.size)
 }
 
 /// Reads a GGUF header from memory (the fuzz target's entry point).
 pub fn parse_bytes(bytes: &[u8]) -> Result<Gguf, GgufError> {
-    parse(bytes, bytes.len() as u64)
+    parse(std::io::Cursor::new(bytes), bytes.len() as u64)
 }
 
 /// Reads a GGUF header from `reader`, a file of `file_size` bytes.
-pub fn parse(reader: impl Read, file_size: u64) -> Result<Gguf, GgufError> {
+pub fn parse(reader: impl Read + Seek, file_size: u64) -> Result<Gguf, GgufError> {
     let mut r = Reader {
-        inner: reader,
+        inner: BufReader::with_capacity(1 << 16, reader),
         pos: 0,
         size: file_size,
+        spent: 0,
     };
     let magic: [u8; 4] = r.bytes("the magic")?;
     if &magic != b"GGUF" {
@@ -229,24 +272,8 @@ pub fn parse(reader: impl Read, file_size: u64) -> Result<Gguf, GgufError> {
     }
     let tensor_count = r.u64("the tensor count")?;
     let kv_count = r.u64("the metadata count")?;
-    // A key-value takes at least 8 (key length) + 4 (type) + 1 bytes.
-    r.check_count("metadata", kv_count, 13)?;
-    let mut metadata: Vec<(String, Value)> = Vec::with_capacity(kv_count as usize);
-    for _ in 0..kv_count {
-        let key = r.string("a metadata key")?;
-        let value_type = r.u32("a value type")?;
-        let value = r.value(value_type, 0)?;
-        if metadata.iter().any(|(k, _)| *k == key) {
-            return Err(GgufError::DuplicateKey(key));
-        }
-        metadata.push((key, value));
-    }
-    // A tensor info takes at least 8 (name length) + 4 (n_dims) + 4 (type) + 8 (offset).
-    r.check_count("tensor", tensor_count, 24)?;
-    let mut tensors = Vec::with_capacity(tensor_count as usize);
-    for _ in 0..tensor_count {
-        tensors.push(r.tensor_info()?);
-    }
+    let metadata = r.metadata(kv_count)?;
+    let tensors = r.tensors(tensor_count)?;
     let alignment = match metadata.iter().find(|(k, _)| k == "general.alignment") {
         Some((_, v)) => v.as_u64().unwrap_or(0),
         None => 32,
@@ -255,7 +282,33 @@ pub fn parse(reader: impl Read, file_size: u64) -> Result<Gguf, GgufError> {
         return Err(GgufError::Alignment(alignment));
     }
     let data_offset = r.pos.next_multiple_of(alignment);
-    for t in &tensors {
+    check_tensors(&tensors, alignment, data_offset, file_size)?;
+    Ok(Gguf {
+        version,
+        metadata,
+        tensors,
+        alignment,
+        data_offset,
+        file_size,
+    })
+}
+
+/// Fails unless `count` is at most `limit`.
+fn check_limit(what: &'static str, count: u64, limit: u64) -> Result<(), GgufError> {
+    if count > limit {
+        return Err(GgufError::Limit { what, count, limit });
+    }
+    Ok(())
+}
+
+/// Each tensor's data must be aligned and lie within the file.
+fn check_tensors(
+    tensors: &[TensorInfo],
+    alignment: u64,
+    data_offset: u64,
+    file_size: u64,
+) -> Result<(), GgufError> {
+    for t in tensors {
         let bad = |why: String| GgufError::Tensor {
             name: t.name.clone(),
             why,
@@ -277,26 +330,96 @@ pub fn parse(reader: impl Read, file_size: u64) -> Result<Gguf, GgufError> {
             )));
         }
     }
-    Ok(Gguf {
-        version,
-        metadata,
-        tensors,
-        alignment,
-        data_offset,
-        file_size,
-    })
+    Ok(())
 }
 
-/// A position-tracking reader that knows how many bytes the file has left.
+/// Bytes of one element of a fixed-size value type; `None` for strings and arrays.
+fn fixed_size(value_type: u32) -> Option<u64> {
+    match value_type {
+        0 | 1 | 7 => Some(1),
+        2 | 3 => Some(2),
+        4..=6 => Some(4),
+        10..=12 => Some(8),
+        _ => None,
+    }
+}
+
+/// A position-tracking reader that knows how many bytes the header has left, and how much
+/// memory what it kept takes.
 struct Reader<R> {
-    inner: R,
+    inner: BufReader<R>,
     pos: u64,
     size: u64,
+    /// Bytes of memory charged so far.
+    spent: u64,
 }
 
-impl<R: Read> Reader<R> {
+impl<R: Read + Seek> Reader<R> {
+    /// Where the header must end: the file's end or the header limit, whichever is first.
+    fn end(&self) -> u64 {
+        self.size.min(MAX_HEADER_BYTES)
+    }
+
     fn left(&self) -> u64 {
-        self.size.saturating_sub(self.pos)
+        self.end().saturating_sub(self.pos)
+    }
+
+    /// Charges `bytes` of memory to the budget before they are allocated.
+    fn charge(&mut self, bytes: u64) -> Result<(), GgufError> {
+        self.spent = self.spent.saturating_add(bytes);
+        if self.spent > MAX_PARSED_BYTES {
+            return Err(GgufError::Budget(self.pos));
+        }
+        Ok(())
+    }
+
+    /// Fails when `len` more bytes would run past the end of the header.
+    fn check_room(&self, len: u64, what: &'static str) -> Result<(), GgufError> {
+        match self.pos.checked_add(len) {
+            Some(end) if end <= self.end() => Ok(()),
+            _ if self.size > MAX_HEADER_BYTES => Err(GgufError::HeaderTooLong),
+            _ => Err(GgufError::Truncated(self.pos, what)),
+        }
+    }
+
+    /// Moves past `len` bytes without reading them.
+    fn skip(&mut self, len: u64, what: &'static str) -> Result<(), GgufError> {
+        self.check_room(len, what)?;
+        // check_room bounds `len` by the header limit, far below i64::MAX.
+        self.inner.seek_relative(len as i64)?;
+        self.pos += len;
+        Ok(())
+    }
+
+    /// The key-values, keys unique.
+    fn metadata(&mut self, count: u64) -> Result<Vec<(String, Value)>, GgufError> {
+        check_limit("metadata key-values", count, MAX_KEYS)?;
+        // A key-value takes at least 8 (key length) + 4 (type) + 1 bytes.
+        self.check_count("metadata", count, 13)?;
+        let mut metadata = Vec::new();
+        let mut keys = HashSet::new();
+        for _ in 0..count {
+            let key = self.string("a metadata key")?;
+            let value_type = self.u32("a value type")?;
+            self.charge(size_of::<(String, Value)>() as u64 + key.len() as u64)?;
+            let value = self.value(value_type, 0)?;
+            if !keys.insert(key.clone()) {
+                return Err(GgufError::DuplicateKey(key));
+            }
+            metadata.push((key, value));
+        }
+        Ok(metadata)
+    }
+
+    fn tensors(&mut self, count: u64) -> Result<Vec<TensorInfo>, GgufError> {
+        check_limit("tensors", count, MAX_TENSORS)?;
+        // A tensor info takes at least 8 (name length) + 4 (n_dims) + 4 (type) + 8 (offset).
+        self.check_count("tensor", count, 24)?;
+        let mut tensors = Vec::new();
+        for _ in 0..count {
+            tensors.push(self.tensor_info()?);
+        }
+        Ok(tensors)
     }
 
     fn bytes<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], GgufError> {
@@ -306,6 +429,7 @@ impl<R: Read> Reader<R> {
     }
 
     fn fill(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), GgufError> {
+        self.check_room(buf.len() as u64, what)?;
         match self.inner.read_exact(buf) {
             Ok(()) => {
                 self.pos += buf.len() as u64;
@@ -349,6 +473,7 @@ impl<R: Read> Reader<R> {
             return Err(GgufError::LongString(len, at));
         }
         self.check_count("string byte", len, 1)?;
+        self.charge(len)?;
         let mut buf = vec![0u8; len as usize];
         self.fill(&mut buf, what)?;
         String::from_utf8(buf).map_err(|_| GgufError::Utf8(at))
@@ -375,32 +500,63 @@ impl<R: Read> Reader<R> {
     }
 
     fn array(&mut self, depth: u32) -> Result<Array, GgufError> {
+        let (elem_type, len) = self.array_header(depth)?;
+        if len > MAX_KEPT_ARRAY {
+            self.skip_elements(elem_type, len, depth)?;
+            return Ok(Array {
+                elem_type,
+                len,
+                values: None,
+            });
+        }
+        let mut values = Vec::new();
+        for _ in 0..len {
+            self.charge(size_of::<Value>() as u64)?;
+            values.push(self.value(elem_type, depth + 1)?);
+        }
+        Ok(Array {
+            elem_type,
+            len,
+            values: Some(values),
+        })
+    }
+
+    /// An array's element type and length, checked against the bytes left.
+    fn array_header(&mut self, depth: u32) -> Result<(u32, u64), GgufError> {
         if depth >= MAX_DEPTH {
             return Err(GgufError::TooDeep(self.pos));
         }
         let elem_type = self.u32("an array type")?;
         let len = self.u64("an array length")?;
         let min_bytes = match elem_type {
-            0 | 1 | 7 => 1,
-            2 | 3 => 2,
-            4..=6 => 4,
-            8..=12 => 8,
-            other => return Err(GgufError::ValueType(other, self.pos - 12)),
+            8 | 9 => 8,
+            other => fixed_size(other).ok_or(GgufError::ValueType(other, self.pos - 12))?,
         };
         self.check_count("array element", len, min_bytes)?;
-        let keep = len <= MAX_KEPT_ARRAY;
-        let mut values = Vec::with_capacity(if keep { len as usize } else { 0 });
+        Ok((elem_type, len))
+    }
+
+    /// Moves past `len` elements of `elem_type` without keeping them: one seek for
+    /// fixed-size elements, element by element (bounded by the header's length) otherwise.
+    fn skip_elements(&mut self, elem_type: u32, len: u64, depth: u32) -> Result<(), GgufError> {
+        if let Some(size) = fixed_size(elem_type) {
+            // check_count made sure that `len * size` fits in what is left.
+            return self.skip(len * size, "an array");
+        }
         for _ in 0..len {
-            let value = self.value(elem_type, depth + 1)?;
-            if keep {
-                values.push(value);
+            if elem_type == 8 {
+                let at = self.pos;
+                let n = self.u64("a string length")?;
+                if n > MAX_STRING {
+                    return Err(GgufError::LongString(n, at));
+                }
+                self.skip(n, "a string")?;
+            } else {
+                let (inner_type, inner_len) = self.array_header(depth + 1)?;
+                self.skip_elements(inner_type, inner_len, depth + 1)?;
             }
         }
-        Ok(Array {
-            elem_type,
-            len,
-            values: keep.then_some(values),
-        })
+        Ok(())
     }
 
     fn tensor_info(&mut self) -> Result<TensorInfo, GgufError> {
@@ -415,6 +571,8 @@ impl<R: Read> Reader<R> {
                 "{n_dims} dimensions (1 to {MAX_DIMS} expected)"
             )));
         }
+        let charge = size_of::<TensorInfo>() + name.len() + 8 * n_dims as usize;
+        self.charge(charge as u64)?;
         let mut dims = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
             dims.push(self.u64("a tensor dimension")?);

@@ -3,9 +3,11 @@
 //!
 //! - [`runtime`]: runtime detection from exe, cmdline, environment, libraries and devices;
 //! - [`discovery`]: finding model files among mapped and open files;
+//! - [`open`]: opening untrusted files without blocking, through the process's own view;
 //! - [`ggml`], [`gguf`], [`safetensors`]: bounded parsers of model file headers;
 //! - [`profile`]: the model as a file describes it;
 //! - [`config`], [`ollama`]: the runtime's configuration (cmdline, env, Ollama's API);
+//! - [`redact`]: secrets in command lines and environments, redacted before output;
 //! - [`memory`]: KV cache, weights split, compute buffers, footprints;
 //! - [`analysis`]: the `model` section of `inspect`;
 //! - [`plan`]: placement advice for `infermem plan`.
@@ -17,7 +19,9 @@ pub mod ggml;
 pub mod gguf;
 pub mod memory;
 pub mod ollama;
+pub mod open;
 pub mod plan;
 pub mod profile;
+pub mod redact;
 pub mod runtime;
 pub mod safetensors;

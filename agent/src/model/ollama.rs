@@ -1,7 +1,17 @@
 //! Ollama's HTTP API, as documented in ollama/docs/api.md: `GET /api/ps` lists the loaded
 //! models with their memory (`size`) and the part of it in VRAM (`size_vram`).
+//!
+//! The address comes from the inspected process's own environment and its name proves
+//! nothing, so infermem asks only a loopback address, and only after checking that the socket
+//! listening there belongs to that very process: the inode of the LISTEN socket in the
+//! process's `/proc/<pid>/net/tcp*` (its network namespace) must be one of its open fds.
 
-use std::time::Duration;
+use std::{collections::HashSet, net::SocketAddr, time::Duration};
+
+use procfs::{
+    net::TcpState,
+    process::{FDTarget, Process},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -70,6 +80,62 @@ pub fn api_address(environ: &[(String, String)]) -> String {
         other => other,
     };
     format!("{addr}:{port}")
+}
+
+/// Asks the Ollama server `pid` which models are loaded, if it listens itself on the loopback
+/// address its environment names; the error says why it was not asked or did not answer.
+pub fn ask_own_server(
+    pid: u32,
+    environ: &[(String, String)],
+    timeout: Duration,
+) -> Result<Vec<LoadedModel>, String> {
+    let address = owned_api_address(pid, environ)
+        .map_err(|why| format!("Ollama's API was not asked: {why}"))?;
+    loaded_models(&address.to_string(), timeout)
+        .map_err(|err| format!("Ollama's API at {address} did not answer: {err}"))
+}
+
+/// The API address of the Ollama server `pid`, when it is a loopback address on which `pid`
+/// itself listens.
+pub fn owned_api_address(pid: u32, environ: &[(String, String)]) -> Result<SocketAddr, String> {
+    let text = api_address(environ);
+    let address: SocketAddr = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not an IP address and port"))?;
+    if !address.ip().is_loopback() {
+        return Err(format!("{address} is not a loopback address"));
+    }
+    if !listens_on(pid, address)? {
+        return Err(format!("pid {pid} does not itself listen on {address}"));
+    }
+    Ok(address)
+}
+
+/// Whether `pid` holds a socket listening on `address` (or on its port at a wildcard
+/// address): a LISTEN entry of `/proc/<pid>/net/tcp` or `tcp6` whose inode is one of the
+/// process's `socket:[inode]` fds.
+pub fn listens_on(pid: u32, address: SocketAddr) -> Result<bool, String> {
+    let process = Process::new(pid as i32).map_err(|e| format!("pid {pid}: {e}"))?;
+    let entries = process.tcp().into_iter().chain(process.tcp6()).flatten();
+    let listening: HashSet<u64> = entries
+        .filter(|e| e.state == TcpState::Listen && serves(e.local_address, address))
+        .map(|e| e.inode)
+        .collect();
+    if listening.is_empty() {
+        return Ok(false);
+    }
+    let fds = process
+        .fd()
+        .map_err(|e| format!("pid {pid}'s file descriptors: {e}"))?;
+    Ok(fds
+        .flatten()
+        .any(|fd| matches!(fd.target, FDTarget::Socket(inode) if listening.contains(&inode))))
+}
+
+/// Whether a socket bound to `local` accepts connections to `target`.
+fn serves(local: SocketAddr, target: SocketAddr) -> bool {
+    let ip = local.ip().to_canonical();
+    local.port() == target.port() && (ip.is_unspecified() || ip == target.ip().to_canonical())
 }
 
 /// Parses a `/api/ps` response body.
@@ -174,6 +240,41 @@ mod tests {
         let models = loaded_models(&address, Duration::from_secs(5)).unwrap();
         assert_eq!(models[0].name, "mistral:latest");
         assert!(server.join().unwrap().starts_with("GET /api/ps HTTP/1.1"));
+    }
+
+    #[test]
+    fn only_a_socket_the_process_holds_counts_as_its_own() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let me = std::process::id();
+        assert!(listens_on(me, address).unwrap());
+        let env = vec![("OLLAMA_HOST".to_owned(), address.to_string())];
+        assert_eq!(owned_api_address(me, &env), Ok(address));
+        let wildcard = TcpListener::bind("0.0.0.0:0").unwrap();
+        let port = wildcard.local_addr().unwrap().port();
+        assert!(listens_on(me, SocketAddr::from(([127, 0, 0, 1], port))).unwrap());
+
+        // The same port held by another process (a child that inherits nothing) is not ours:
+        // pid 1 does not hold our socket.
+        assert!(!listens_on(1, address).unwrap());
+        let err = owned_api_address(1, &env).unwrap_err();
+        assert!(err.contains("does not itself listen"), "{err}");
+        drop(listener);
+        assert!(!listens_on(me, address).unwrap(), "closed: nobody listens");
+    }
+
+    #[test]
+    fn only_loopback_ip_addresses_are_asked() {
+        let env = |v: &str| vec![("OLLAMA_HOST".to_owned(), v.to_owned())];
+        let me = std::process::id();
+        let err = owned_api_address(me, &env("10.0.0.5:9000")).unwrap_err();
+        assert!(err.contains("not a loopback"), "{err}");
+        let err = owned_api_address(me, &env("myhost")).unwrap_err();
+        assert!(err.contains("not an IP address"), "{err}");
+        // Nothing of ours listens on the default port.
+        assert!(owned_api_address(me, &[]).is_err());
+        let err = ask_own_server(me, &env("127.0.0.1:1"), Duration::from_secs(1)).unwrap_err();
+        assert!(err.starts_with("Ollama's API was not asked"), "{err}");
     }
 
     #[test]

@@ -6,7 +6,18 @@ use std::{collections::BTreeMap, path::Path};
 
 use serde::{Deserialize, Serialize};
 
-use super::{discovery::ModelFormat, gguf::Gguf, safetensors::SafetensorsHeader};
+use super::{
+    discovery::{self, ModelFormat},
+    gguf::Gguf,
+    open::{self, OpenError, OpenedFile},
+    safetensors::SafetensorsHeader,
+};
+
+/// Largest `config.json` read (real ones are a few KiB).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Opens a file beside a model file (its `config.json`), safely and in the right view.
+pub type Opener<'a> = &'a dyn Fn(&Path) -> Result<OpenedFile, OpenError>;
 
 /// Largest values believed from a model file; beyond them a value is treated as absent, so
 /// that a hostile header cannot make infermem allocate or compute without bound.
@@ -259,7 +270,7 @@ fn type_shares(tensors: &[TensorSummary]) -> Vec<TypeShare> {
 
 /// The subset of a Hugging Face `config.json` that decides memory.
 #[derive(Debug, Default, Deserialize)]
-struct HfConfig {
+pub struct HfConfig {
     model_type: Option<String>,
     num_hidden_layers: Option<u32>,
     hidden_size: Option<u64>,
@@ -278,9 +289,9 @@ struct HfConfig {
     text_config: Option<Box<HfConfig>>,
 }
 
-/// Builds the profile of one safetensors file; `config.json` in the same directory (as Hugging
-/// Face lays models out) supplies the architecture, when present and well-formed.
-pub fn from_safetensors(path: &Path, header: &SafetensorsHeader) -> ModelProfile {
+/// Builds the profile of one safetensors file; `config` (the Hugging Face `config.json`
+/// beside it, when present and well-formed) supplies the architecture.
+pub fn from_safetensors(header: &SafetensorsHeader, config: Option<&HfConfig>) -> ModelProfile {
     let mut profile = ModelProfile::default();
     for t in &header.tensors {
         profile.parameter_count = profile.parameter_count.saturating_add(t.n_elements());
@@ -294,26 +305,34 @@ pub fn from_safetensors(path: &Path, header: &SafetensorsHeader) -> ModelProfile
     }
     profile.types = type_shares(&profile.tensors);
     profile.name = header.metadata.get("name").cloned();
-    if let Some(config) = path.parent().and_then(read_hf_config) {
-        apply_hf_config(&mut profile, &config);
+    if let Some(config) = config {
+        apply_hf_config(&mut profile, config);
     }
     profile
 }
 
-/// Reads `config.json` from a model directory, bounded to 1 MiB.
-fn read_hf_config(dir: &Path) -> Option<HfConfig> {
-    let path = dir.join("config.json");
-    if std::fs::metadata(&path).ok()?.len() > 1 << 20 {
-        return None;
-    }
-    let config: HfConfig = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
-    Some(match config.text_config {
+/// Reads the `config.json` beside `model`, opened with `open`: none when there is none or it
+/// is not well-formed JSON; an error when it is no regular file, is larger than
+/// [`MAX_CONFIG_BYTES`] or cannot be read.
+pub fn read_hf_config(model: &Path, open: Opener) -> Result<Option<HfConfig>, OpenError> {
+    let Some(dir) = model.parent() else {
+        return Ok(None);
+    };
+    let file = match open(&dir.join("config.json")) {
+        Err(e) if e.is_not_found() => return Ok(None),
+        other => other?,
+    };
+    let Ok(config) = serde_json::from_slice::<HfConfig>(&file.read_capped(MAX_CONFIG_BYTES)?)
+    else {
+        return Ok(None);
+    };
+    Ok(Some(match config.text_config {
         Some(text) if config.num_hidden_layers.is_none() => HfConfig {
             model_type: config.model_type.or(text.model_type.clone()),
             ..*text
         },
         _ => config,
-    })
+    }))
 }
 
 fn apply_hf_config(profile: &mut ModelProfile, c: &HfConfig) {
@@ -370,16 +389,40 @@ fn hf_layer_of(name: &str) -> Option<usize> {
     rest.split('.').next()?.parse().ok()
 }
 
-/// Reads and profiles a model file of a known format. GGUF and safetensors are parsed;
-/// PyTorch and ONNX files are only sized (their formats are not parsed here).
+/// Reads and profiles the model file at `path` (opened safely), whose format is known.
 pub fn profile_file(path: &Path, format: ModelFormat) -> Result<Option<ModelProfile>, String> {
+    let file = open::open_regular(path).map_err(|e| e.to_string())?;
+    profile_opened(&file, format, &open::open_regular)
+}
+
+/// Opens the file at `path` once, recognises and profiles it: `None` when it is no model
+/// file infermem parses; an error when it cannot be opened, is no regular file or does not
+/// parse.
+pub fn profile_path(path: &Path) -> Result<Option<(ModelFormat, ModelProfile)>, String> {
+    let file = open::open_regular(path).map_err(|e| e.to_string())?;
+    let Some(format) = discovery::sniff_file(&file) else {
+        return Ok(None);
+    };
+    Ok(profile_opened(&file, format, &open::open_regular)?.map(|p| (format, p)))
+}
+
+/// Profiles an open model file. GGUF and safetensors are parsed (`open` opens the
+/// `config.json` beside a safetensors file); PyTorch and ONNX files are only sized.
+pub fn profile_opened(
+    file: &OpenedFile,
+    format: ModelFormat,
+    open: Opener,
+) -> Result<Option<ModelProfile>, String> {
     match format {
-        ModelFormat::Gguf => super::gguf::parse_path(path)
+        ModelFormat::Gguf => super::gguf::parse_file(file)
             .map(|g| Some(from_gguf(&g)))
             .map_err(|e| e.to_string()),
-        ModelFormat::Safetensors => super::safetensors::parse_path(path)
-            .map(|h| Some(from_safetensors(path, &h)))
-            .map_err(|e| e.to_string()),
+        ModelFormat::Safetensors => {
+            let header = super::safetensors::parse_file(file).map_err(|e| e.to_string())?;
+            let config = read_hf_config(&file.path, open)
+                .map_err(|e| format!("its config.json cannot be read: {e}"))?;
+            Ok(Some(from_safetensors(&header, config.as_ref())))
+        }
         ModelFormat::Pytorch | ModelFormat::Onnx => Ok(None),
     }
 }

@@ -5,21 +5,27 @@
 
 use std::{
     collections::BTreeMap,
-    fs::File,
-    io::{BufReader, Read},
+    io::{BufReader, Read, Seek, SeekFrom},
     path::Path,
 };
 
 use safetensors::tensor::Metadata;
 
-/// Largest header accepted (the `safetensors` crate's own limit).
-pub const MAX_HEADER: u64 = 100 << 20;
+use super::open::{self, OpenError, OpenedFile};
+
+/// Largest header accepted. The `safetensors` crate allows 100 MB, but parsing a JSON
+/// header takes several times its size in memory; real headers are far smaller (~100 bytes
+/// a tensor: a 40,000-tensor file has ~4 MiB, a DeepSeek-V3 shard ~60 KiB), so 32 MiB
+/// (~300,000 tensors) keeps a hostile header's parse well under 256 MiB.
+pub const MAX_HEADER: u64 = 32 << 20;
 
 /// Why a file is not a readable safetensors header.
 #[derive(Debug, thiserror::Error)]
 pub enum SafetensorsError {
     #[error("cannot read the file: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Open(#[from] OpenError),
     #[error("the file is {0} bytes, too short for a safetensors header")]
     TooShort(u64),
     #[error(
@@ -65,11 +71,16 @@ pub struct SafetensorsHeader {
     pub file_size: u64,
 }
 
-/// Reads the header of the safetensors file at `path`.
+/// Reads the header of the safetensors file at `path` (opened safely).
 pub fn parse_path(path: &Path) -> Result<SafetensorsHeader, SafetensorsError> {
-    let file = File::open(path)?;
-    let size = file.metadata()?.len();
-    parse(BufReader::new(file), size)
+    parse_file(&open::open_regular(path)?)
+}
+
+/// Reads the header of an open safetensors file, from its start.
+pub fn parse_file(file: &OpenedFile) -> Result<SafetensorsHeader, SafetensorsError> {
+    let mut reader = &file.file;
+    reader.seek(SeekFrom::Start(0))?;
+    parse(BufReader::new(reader), file.size)
 }
 
 /// Reads a safetensors header from memory (the fuzz target's entry point).
@@ -92,8 +103,12 @@ pub fn parse(mut reader: impl Read, file_size: u64) -> Result<SafetensorsHeader,
             limit,
         });
     }
-    let mut json = vec![0u8; header_len as usize];
-    reader.read_exact(&mut json)?;
+    // Grown as bytes arrive, not reserved from the claimed length.
+    let mut json = Vec::new();
+    reader.take(header_len).read_to_end(&mut json)?;
+    if (json.len() as u64) < header_len {
+        return Err(SafetensorsError::TooShort(file_size));
+    }
     let metadata: Metadata =
         serde_json::from_slice(&json).map_err(|e| SafetensorsError::Invalid(e.to_string()))?;
 

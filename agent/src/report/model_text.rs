@@ -16,6 +16,8 @@ use crate::{
     units::format_bytes,
 };
 
+use super::text::{escape, escape_lines};
+
 /// Appends the model section of an inspect report.
 pub fn render_model(w: &mut String, m: &ModelReport) {
     let rules: Vec<&str> = m.runtime_evidence.iter().map(|e| e.rule.as_str()).collect();
@@ -32,17 +34,17 @@ pub fn render_model(w: &mut String, m: &ModelReport) {
         let _ = writeln!(
             w,
             "model    {} ({}, {}, {} resident)",
-            f.file.path.display(),
+            escape(&f.file.path.to_string_lossy()),
             format_name(f.file.format),
             format_bytes(f.file.size_bytes),
             format_bytes(f.resident_bytes)
         );
         match (&f.profile, &f.error) {
             (Some(p), _) => {
-                let _ = writeln!(w, "         {}", profile_line(p));
+                let _ = writeln!(w, "         {}", escape(&profile_line(p)));
             }
             (None, Some(err)) => {
-                let _ = writeln!(w, "         unreadable: {err}");
+                let _ = writeln!(w, "         unreadable: {}", escape(err));
             }
             (None, None) => {}
         }
@@ -78,7 +80,7 @@ pub fn render_model(w: &mut String, m: &ModelReport) {
         );
     }
     for note in &m.notes {
-        let _ = writeln!(w, "note     {note}");
+        let _ = writeln!(w, "note     {}", escape(note));
     }
 }
 
@@ -89,10 +91,10 @@ pub fn render_plan(p: &PlanReport) -> String {
     let _ = writeln!(
         w,
         "model     {} ({})",
-        p.model.display(),
+        escape(&p.model.to_string_lossy()),
         format_name(p.format)
     );
-    let _ = writeln!(w, "          {}", profile_line(&p.profile));
+    let _ = writeln!(w, "          {}", escape(&profile_line(&p.profile)));
     let _ = writeln!(
         w,
         "budget    RAM {}, VRAM {}; strategy {}; KV {} ({}/token); {} sequence(s)",
@@ -120,9 +122,9 @@ pub fn render_plan(p: &PlanReport) -> String {
     );
     footprint_lines(w, &p.footprint);
     for note in &p.notes {
-        let _ = writeln!(w, "note      {note}");
+        let _ = writeln!(w, "note      {}", escape(note));
     }
-    out
+    escape_lines(&out)
 }
 
 fn footprint_lines(w: &mut String, f: &Footprint) {

@@ -1,6 +1,6 @@
 //! The human-readable rendering of an [`InspectReport`].
 
-use std::fmt::Write as _;
+use std::{borrow::Cow, fmt::Write as _};
 
 use super::InspectReport;
 use crate::units::format_bytes;
@@ -13,8 +13,13 @@ pub fn render(report: &InspectReport) -> String {
         w,
         "pid {} ({})  {}",
         report.pid,
-        report.comm,
-        report.cmdline.join(" ")
+        escape(&report.comm),
+        report
+            .cmdline
+            .iter()
+            .map(|a| escape(a))
+            .collect::<Vec<_>>()
+            .join(" ")
     );
 
     let m = &report.memory;
@@ -93,7 +98,7 @@ pub fn render(report: &InspectReport) -> String {
                 mapping
                     .faults_per_s
                     .map_or("-".to_owned(), |r| format!("{r:.1}")),
-                mapping.path,
+                escape(&mapping.path),
                 if mapping.deleted { " (deleted)" } else { "" },
             );
         }
@@ -132,5 +137,56 @@ pub fn render(report: &InspectReport) -> String {
             s.reason.as_deref().unwrap_or("eBPF off")
         );
     }
-    out
+    escape_lines(&out)
+}
+
+/// Whether `c` is a control character: C0 (below 0x20), DEL or C1 (0x80 to 0x9f).
+fn is_control(c: char) -> bool {
+    matches!(c, '\0'..='\x1f' | '\x7f'..='\u{9f}')
+}
+
+/// `s` with its control characters written as escapes (`\n`, `\x1b`, `\u{9b}`), so that
+/// text from a process or a file (comm, cmdline, paths, GGUF strings) cannot drive the
+/// terminal or forge lines.
+pub fn escape(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(is_control) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c < '\u{80}' && is_control(c) => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c if is_control(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Rendered text with the control characters of each line escaped, its line breaks kept: the
+/// last line of defence for any field not escaped where it was written.
+pub fn escape_lines(text: &str) -> String {
+    text.split('\n').map(escape).collect::<Vec<_>>().join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(escape("llama-server"), "llama-server");
+        assert_eq!(
+            escape("a\x1b]0;pwned\x07b\nc\x7fd\u{9b}2Je\u{a0}é"),
+            "a\\x1b]0;pwned\\x07b\\nc\\x7fd\\u{9b}2Je\u{a0}é"
+        );
+        assert_eq!(escape_lines("one\x1b[2J\ntwo\r\n"), "one\\x1b[2J\ntwo\\r\n");
+    }
 }

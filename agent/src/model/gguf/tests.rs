@@ -1,7 +1,11 @@
 //! Tests of the GGUF reader on headers written here byte by byte (the end-to-end tests read
 //! files written by the `gguf` Python package).
 
-use std::path::Path;
+use std::{
+    io::{Read, Seek, SeekFrom},
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use super::*;
 
@@ -198,8 +202,8 @@ fn huge_counts_are_refused_before_allocating() {
     assert!(
         matches!(
             err,
-            GgufError::Count {
-                what: "metadata",
+            GgufError::Limit {
+                what: "metadata key-values",
                 ..
             }
         ),
@@ -322,4 +326,155 @@ fn reads_a_file_written_by_gguf_py() {
         g.tensor("blk.0.attn_q.weight").unwrap().n_bytes(),
         32 * 32 * 4
     );
+}
+
+/// A sparse file in memory: `head`, then zeros up to `size` bytes (as `ftruncate` leaves).
+struct Sparse {
+    head: Vec<u8>,
+    size: u64,
+    pos: u64,
+}
+
+impl Sparse {
+    fn new(head: Vec<u8>, size: u64) -> Self {
+        Sparse { head, size, pos: 0 }
+    }
+
+    fn parse(self) -> (Result<Gguf, GgufError>, Duration) {
+        let started = Instant::now();
+        let size = self.size;
+        (parse(self, size), started.elapsed())
+    }
+}
+
+impl Read for Sparse {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = (buf.len() as u64).min(self.size.saturating_sub(self.pos)) as usize;
+        for (i, b) in buf[..n].iter_mut().enumerate() {
+            *b = self.head.get(self.pos as usize + i).copied().unwrap_or(0);
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for Sparse {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        self.pos = match to {
+            SeekFrom::Start(p) => p,
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d).unwrap(),
+            SeekFrom::End(d) => self.size.checked_add_signed(d).unwrap(),
+        };
+        Ok(self.pos)
+    }
+}
+
+/// A header of `tensors` and `kvs` counts, followed by `rest`.
+fn claims(tensors: u64, kvs: u64, rest: &[u8]) -> Vec<u8> {
+    let mut head = b"GGUF".to_vec();
+    head.extend_from_slice(&3u32.to_le_bytes());
+    head.extend_from_slice(&tensors.to_le_bytes());
+    head.extend_from_slice(&kvs.to_le_bytes());
+    head.extend_from_slice(rest);
+    head
+}
+
+const SPARSE_12_GIB: u64 = 12 << 30;
+
+#[test]
+fn huge_counts_in_a_sparse_file_hit_the_limits_at_once() {
+    for (tensors, kvs, what) in [
+        (0, 600_000_000, "metadata key-values"),
+        (300_000_000, 0, "tensors"),
+    ] {
+        let (result, took) = Sparse::new(claims(tensors, kvs, &[]), SPARSE_12_GIB).parse();
+        let err = result.unwrap_err();
+        assert!(
+            matches!(err, GgufError::Limit { what: w, .. } if w == what),
+            "{err}"
+        );
+        assert!(took < Duration::from_millis(100), "{took:?}");
+    }
+    // Within the limits, the zeros of a sparse file are read as they are: the second empty key
+    // is a duplicate.
+    let (result, _) = Sparse::new(claims(MAX_TENSORS, MAX_KEYS, &[]), SPARSE_12_GIB).parse();
+    assert!(
+        matches!(result, Err(GgufError::DuplicateKey(_))),
+        "{result:?}"
+    );
+}
+
+#[test]
+fn a_two_to_the_33_element_array_is_refused_at_once() {
+    let kv = Writer::default().kv("a", 9, &array(0, 1 << 33, &[]));
+    let head = claims(0, 1, &kv.kvs);
+    let (result, took) = Sparse::new(head, SPARSE_12_GIB).parse();
+    let err = result.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            GgufError::Count {
+                what: "array element",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(took < Duration::from_millis(100), "{took:?}");
+}
+
+#[test]
+fn long_fixed_size_arrays_are_skipped_by_seeking() {
+    // 200 MiB of u8 elements, within the header's span: skipped in one seek, not read.
+    let len = 200 << 20;
+    let kv = Writer::default().kv("big", 9, &array(0, len, &[]));
+    let head = claims(0, 1, &kv.kvs);
+    let (result, took) = Sparse::new(head, SPARSE_12_GIB).parse();
+    let g = result.unwrap();
+    assert_eq!(
+        g.get_array("big").map(|a| (a.len, a.values.is_none())),
+        Some((len, true))
+    );
+    assert!(took < Duration::from_millis(100), "{took:?}");
+}
+
+#[test]
+fn a_header_longer_than_the_limit_is_refused() {
+    // Strings are walked one by one: 40 Mi empty strings span 320 MiB, past the limit.
+    let kv = Writer::default().kv("tokens", 9, &array(8, 40 << 20, &[]));
+    let head = claims(0, 1, &kv.kvs);
+    let (result, took) = Sparse::new(head, SPARSE_12_GIB).parse();
+    assert!(matches!(result, Err(GgufError::Count { .. })), "{result:?}");
+    assert!(took < Duration::from_millis(100), "{took:?}");
+    // 4 Mi empty strings (32 MiB, a large vocabulary's worth) are walked, not kept.
+    let kv = Writer::default().kv("tokens", 9, &array(8, 4 << 20, &[]));
+    let (result, took) = Sparse::new(claims(0, 1, &kv.kvs), SPARSE_12_GIB).parse();
+    assert_eq!(result.unwrap().get_array("tokens").unwrap().len, 4 << 20);
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+#[test]
+fn what_is_kept_is_charged_to_the_memory_budget() {
+    // Arrays short enough to keep, 64 Ki u64 each: ~2.5 MiB of values for 512 KiB of file.
+    let elems = vec![0u8; (MAX_KEPT_ARRAY * 8) as usize];
+    let mut w = Writer::default();
+    for i in 0..40 {
+        w = w.kv(&format!("a{i}"), 9, &array(10, MAX_KEPT_ARRAY, &elems));
+    }
+    let err = parse_bytes(&w.finish(3, 0)).unwrap_err();
+    assert!(matches!(err, GgufError::Budget(_)), "{err}");
+}
+
+#[test]
+fn many_distinct_keys_are_checked_for_duplicates_quickly() {
+    let mut w = Writer::default();
+    for i in 0..MAX_KEYS {
+        w = w.kv(&format!("k{i}"), 4, &[0; 4]);
+    }
+    let started = Instant::now();
+    assert_eq!(
+        parse_bytes(&w.finish(3, 0)).unwrap().metadata.len(),
+        MAX_KEYS as usize
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
 }

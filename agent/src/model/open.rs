@@ -1,0 +1,222 @@
+//! Opening untrusted files safely. Model files and the `config.json` beside them belong to
+//! whoever runs the model, so infermem opens them without ever blocking (`O_NONBLOCK`: a FIFO
+//! opens at once instead of waiting for a writer), checks with `fstat` on the open descriptor
+//! that it is a regular file before reading a byte, caps every read, and parses the very file
+//! it checked (one open, then `fstat`, then reads on that descriptor).
+//!
+//! Files of another process are opened through that process's own view: mapped files through
+//! `/proc/<pid>/map_files/<start>-<end>` (which also reaches deleted files), open files through
+//! `/proc/<pid>/fd/<n>`, and other paths inside `/proc/<pid>/root`, resolving symlinks within
+//! that root (`openat2` with `RESOLVE_IN_ROOT`), so paths in containers are the container's.
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    io::Read as _,
+    os::unix::fs::FileTypeExt as _,
+    path::{Path, PathBuf},
+};
+
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+
+/// Why a file was not opened or read.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{}: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {kind}, not a regular file: refusing to read it", .path.display())]
+    NotRegular { path: PathBuf, kind: &'static str },
+    #[error("{}: {size} bytes, more than the {limit} bytes accepted", .path.display())]
+    TooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
+}
+
+impl OpenError {
+    /// Whether the file simply does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, OpenError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
+}
+
+/// A regular file open for reading, with its size as `fstat` gave it.
+#[derive(Debug)]
+pub struct OpenedFile {
+    pub file: File,
+    pub size: u64,
+    /// The path it is known by (the process's path for a file opened through /proc).
+    pub path: PathBuf,
+}
+
+impl OpenedFile {
+    /// Reads the whole file, refusing one of more than `limit` bytes (also when it grows
+    /// while being read).
+    pub fn read_capped(&self, limit: u64) -> Result<Vec<u8>, OpenError> {
+        let too_large = |size| OpenError::TooLarge {
+            path: self.path.clone(),
+            size,
+            limit,
+        };
+        if self.size > limit {
+            return Err(too_large(self.size));
+        }
+        let mut bytes = Vec::with_capacity(self.size as usize);
+        (&self.file)
+            .take(limit + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|source| self.io(source))?;
+        if bytes.len() as u64 > limit {
+            return Err(too_large(bytes.len() as u64));
+        }
+        Ok(bytes)
+    }
+
+    /// An I/O error on this file.
+    pub fn io(&self, source: std::io::Error) -> OpenError {
+        OpenError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+}
+
+/// Read-only, never blocking, not inherited, never becoming the controlling terminal.
+fn read_flags() -> OFlags {
+    OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY
+}
+
+/// Opens `path` (following symlinks, as model directories use them) without blocking and
+/// checks that it is a regular file.
+pub fn open_regular(path: &Path) -> Result<OpenedFile, OpenError> {
+    open_as(path, path)
+}
+
+/// Opens `path`, known to the user as `shown`.
+fn open_as(path: &Path, shown: &Path) -> Result<OpenedFile, OpenError> {
+    let fd = rustix::fs::open(path, read_flags(), Mode::empty()).map_err(|e| OpenError::Io {
+        path: shown.to_owned(),
+        source: e.into(),
+    })?;
+    checked(File::from(fd), shown)
+}
+
+/// `fstat` on the open descriptor: only a regular file is accepted.
+fn checked(file: File, shown: &Path) -> Result<OpenedFile, OpenError> {
+    let metadata = file.metadata().map_err(|source| OpenError::Io {
+        path: shown.to_owned(),
+        source,
+    })?;
+    let kind = metadata.file_type();
+    if !kind.is_file() {
+        return Err(OpenError::NotRegular {
+            path: shown.to_owned(),
+            kind: kind_name(kind),
+        });
+    }
+    Ok(OpenedFile {
+        file,
+        size: metadata.len(),
+        path: shown.to_owned(),
+    })
+}
+
+fn kind_name(kind: std::fs::FileType) -> &'static str {
+    if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_dir() {
+        "a directory"
+    } else {
+        "a special file"
+    }
+}
+
+/// Opens `path` as process `pid` sees it, inside `/proc/<pid>/root`: symlinks (absolute ones
+/// too) resolve within that root and magic links are refused.
+pub fn open_in_root(pid: u32, path: &Path) -> Result<OpenedFile, OpenError> {
+    let io = |e: rustix::io::Errno| OpenError::Io {
+        path: path.to_owned(),
+        source: e.into(),
+    };
+    let root = rustix::fs::open(
+        format!("/proc/{pid}/root"),
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(io)?;
+    let resolve = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS;
+    // openat2 asks to retry (EAGAIN) when a rename raced the lookup.
+    let mut attempt = 0;
+    let fd = loop {
+        match rustix::fs::openat2(&root, path, read_flags(), Mode::empty(), resolve) {
+            Err(rustix::io::Errno::AGAIN) if attempt < 3 => attempt += 1,
+            other => break other.map_err(io)?,
+        }
+    };
+    checked(File::from(fd), path)
+}
+
+/// The files of one process, opened through its own view of them.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessFiles {
+    pid: u32,
+    /// Mapped file path → its `/proc/<pid>/map_files/<start>-<end>` entry.
+    mapped: HashMap<PathBuf, PathBuf>,
+    /// Open file path → its `/proc/<pid>/fd/<n>` entry.
+    open: HashMap<PathBuf, PathBuf>,
+}
+
+impl ProcessFiles {
+    /// Lists the process's mapped and open files (their entries, not their contents).
+    pub fn new(pid: u32) -> ProcessFiles {
+        ProcessFiles {
+            pid,
+            mapped: links(&format!("/proc/{pid}/map_files")),
+            open: links(&format!("/proc/{pid}/fd")),
+        }
+    }
+
+    /// Opens the process's file `path`: the mapping or descriptor it holds when it has one
+    /// (deleted files included), else the path inside the process's root.
+    pub fn open(&self, path: &Path) -> Result<OpenedFile, OpenError> {
+        match self.mapped.get(path).or_else(|| self.open.get(path)) {
+            Some(entry) => open_as(entry, path),
+            None => open_in_root(self.pid, path),
+        }
+    }
+}
+
+/// The targets of the magic links in `dir`, each with the first entry pointing at it (a
+/// deleted file's target loses its ` (deleted)` suffix).
+fn links(dir: &str) -> HashMap<PathBuf, PathBuf> {
+    let mut links = HashMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return links;
+    };
+    for entry in entries.flatten() {
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let target = match target.to_str().and_then(|t| t.strip_suffix(" (deleted)")) {
+            Some(stripped) => PathBuf::from(stripped),
+            None => target,
+        };
+        if target.is_absolute() {
+            links.entry(target).or_insert_with(|| entry.path());
+        }
+    }
+    links
+}
+
+#[cfg(test)]
+mod tests;
