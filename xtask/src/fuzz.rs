@@ -68,7 +68,7 @@ pub fn fuzz(options: &Options) -> Result<()> {
             .arg(&seeds)
             .arg("--")
             .arg(format!("-max_total_time={}", options.seconds))
-            .args(["-max_len=65536", "-rss_limit_mb=2048", "-timeout=10"])
+            .args(["-max_len=1048576", "-rss_limit_mb=2048", "-timeout=10"])
             .current_dir(&root)
             .stderr(Stdio::from(std::fs::File::create(&log)?))
             .status()

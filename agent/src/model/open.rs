@@ -19,28 +19,36 @@ use std::{
 
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 
+/// Why a file was not opened or read, and which.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {reason}", .path.display())]
+pub struct OpenError {
+    pub path: PathBuf,
+    pub reason: Refusal,
+}
+
 /// Why a file was not opened or read.
 #[derive(Debug, thiserror::Error)]
-pub enum OpenError {
-    #[error("{}: {source}", .path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{}: {kind}, not a regular file: refusing to read it", .path.display())]
-    NotRegular { path: PathBuf, kind: &'static str },
-    #[error("{}: {size} bytes, more than the {limit} bytes accepted", .path.display())]
-    TooLarge {
-        path: PathBuf,
-        size: u64,
-        limit: u64,
-    },
+pub enum Refusal {
+    #[error(transparent)]
+    Io(std::io::Error),
+    #[error("{0}, not a regular file: refusing to read it")]
+    NotRegular(&'static str),
+    #[error("{size} bytes, more than the {limit} bytes accepted")]
+    TooLarge { size: u64, limit: u64 },
 }
 
 impl OpenError {
+    fn new(path: &Path, reason: Refusal) -> OpenError {
+        OpenError {
+            path: path.to_owned(),
+            reason,
+        }
+    }
+
     /// Whether the file simply does not exist.
     pub fn is_not_found(&self) -> bool {
-        matches!(self, OpenError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+        matches!(&self.reason, Refusal::Io(e) if e.kind() == std::io::ErrorKind::NotFound)
     }
 }
 
@@ -57,11 +65,7 @@ impl OpenedFile {
     /// Reads the whole file, refusing one of more than `limit` bytes (also when it grows
     /// while being read).
     pub fn read_capped(&self, limit: u64) -> Result<Vec<u8>, OpenError> {
-        let too_large = |size| OpenError::TooLarge {
-            path: self.path.clone(),
-            size,
-            limit,
-        };
+        let too_large = |size| OpenError::new(&self.path, Refusal::TooLarge { size, limit });
         if self.size > limit {
             return Err(too_large(self.size));
         }
@@ -78,10 +82,7 @@ impl OpenedFile {
 
     /// An I/O error on this file.
     pub fn io(&self, source: std::io::Error) -> OpenError {
-        OpenError::Io {
-            path: self.path.clone(),
-            source,
-        }
+        OpenError::new(&self.path, Refusal::Io(source))
     }
 }
 
@@ -98,25 +99,19 @@ pub fn open_regular(path: &Path) -> Result<OpenedFile, OpenError> {
 
 /// Opens `path`, known to the user as `shown`.
 fn open_as(path: &Path, shown: &Path) -> Result<OpenedFile, OpenError> {
-    let fd = rustix::fs::open(path, read_flags(), Mode::empty()).map_err(|e| OpenError::Io {
-        path: shown.to_owned(),
-        source: e.into(),
-    })?;
+    let fd = rustix::fs::open(path, read_flags(), Mode::empty())
+        .map_err(|e| OpenError::new(shown, Refusal::Io(e.into())))?;
     checked(File::from(fd), shown)
 }
 
 /// `fstat` on the open descriptor: only a regular file is accepted.
 fn checked(file: File, shown: &Path) -> Result<OpenedFile, OpenError> {
-    let metadata = file.metadata().map_err(|source| OpenError::Io {
-        path: shown.to_owned(),
-        source,
-    })?;
+    let metadata = file
+        .metadata()
+        .map_err(|e| OpenError::new(shown, Refusal::Io(e)))?;
     let kind = metadata.file_type();
     if !kind.is_file() {
-        return Err(OpenError::NotRegular {
-            path: shown.to_owned(),
-            kind: kind_name(kind),
-        });
+        return Err(OpenError::new(shown, Refusal::NotRegular(kind_name(kind))));
     }
     Ok(OpenedFile {
         file,
@@ -144,10 +139,7 @@ fn kind_name(kind: std::fs::FileType) -> &'static str {
 /// Opens `path` as process `pid` sees it, inside `/proc/<pid>/root`: symlinks (absolute ones
 /// too) resolve within that root and magic links are refused.
 pub fn open_in_root(pid: u32, path: &Path) -> Result<OpenedFile, OpenError> {
-    let io = |e: rustix::io::Errno| OpenError::Io {
-        path: path.to_owned(),
-        source: e.into(),
-    };
+    let io = |e: rustix::io::Errno| OpenError::new(path, Refusal::Io(e.into()));
     let root = rustix::fs::open(
         format!("/proc/{pid}/root"),
         OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,

@@ -399,7 +399,8 @@ pub fn profile_file(path: &Path, format: ModelFormat) -> Result<Option<ModelProf
 /// file infermem parses; an error when it cannot be opened, is no regular file or does not
 /// parse.
 pub fn profile_path(path: &Path) -> Result<Option<(ModelFormat, ModelProfile)>, String> {
-    let file = open::open_regular(path).map_err(|e| e.to_string())?;
+    // The caller names the path: the error is only why.
+    let file = open::open_regular(path).map_err(|e| e.reason.to_string())?;
     let Some(format) = discovery::sniff_file(&file) else {
         return Ok(None);
     };

@@ -9,6 +9,8 @@
 //!   4 MiB of FILE and 2 MiB of anonymous memory, touch them, grow the heap and exit; prints
 //!   their pids.
 //! - `hog MIB_PER_STEP`: waits, then allocates and touches memory until the OOM killer ends it.
+//! - `map-file FILE [ARGS…]`: maps all of FILE (read-only, private), says so, then waits until
+//!   stdin closes; ARGS are ignored (tests put what infermem must not reveal there).
 //! - `churn MIB ITERATIONS`: waits, then maps MIB of anonymous memory, writes every page and
 //!   unmaps it, ITERATIONS times (a fault-heavy load for `cargo xtask bench overhead`); prints
 //!   the elapsed nanoseconds.
@@ -31,6 +33,7 @@ fn main() {
         "storm" => storm(arg(1), number(2)),
         "hog" => hog(number(1)),
         "churn" => churn(number(1), number(2)),
+        "map-file" => map_file(arg(1)),
         _ => usage(),
     }
 }
@@ -97,6 +100,14 @@ fn touch_pages(addr: *mut u8, len: usize, write: bool) -> u64 {
         }
     }
     sum
+}
+
+fn map_file(path: &str) {
+    let file = File::open(path).expect("open the file to map");
+    let len = file.metadata().expect("fstat").len() as usize;
+    map(len, libc::PROT_READ, libc::MAP_PRIVATE, file.as_raw_fd());
+    say(&format!(r#"{{"event":"mapped","bytes":{len}}}"#));
+    while wait_for_line() {}
 }
 
 fn map_and_alloc(path: &str, file_mib: usize, anon_mib: usize) {

@@ -26,8 +26,8 @@ fn refusal(path: &Path) -> &'static str {
     let started = Instant::now();
     let err = open_regular(path).unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(1), "{err}");
-    match err {
-        OpenError::NotRegular { kind, .. } => kind,
+    match err.reason {
+        Refusal::NotRegular(kind) => kind,
         other => panic!("{other}"),
     }
 }
@@ -65,14 +65,7 @@ fn reads_are_capped() {
     assert_eq!(file.read_capped(10).unwrap(), b"0123456789");
     let err = file.read_capped(9).unwrap_err();
     assert!(
-        matches!(
-            err,
-            OpenError::TooLarge {
-                size: 10,
-                limit: 9,
-                ..
-            }
-        ),
+        matches!(err.reason, Refusal::TooLarge { size: 10, limit: 9 }),
         "{err}"
     );
     std::fs::remove_dir_all(dir).unwrap();
@@ -116,8 +109,8 @@ fn a_process_files_are_opened_through_its_mappings_and_fds() {
     let fifo = dir.join("fifo");
     mkfifo(&fifo);
     assert!(matches!(
-        files.open(&fifo),
-        Err(OpenError::NotRegular { kind: "a FIFO", .. })
+        files.open(&fifo).map_err(|e| e.reason),
+        Err(Refusal::NotRegular("a FIFO"))
     ));
     // SAFETY: the mapping made above.
     unsafe { libc::munmap(address, 11) };
