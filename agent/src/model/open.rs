@@ -1,8 +1,8 @@
 //! Opening untrusted files safely. Model files and the `config.json` beside them belong to
-//! whoever runs the model, so infermem opens them without ever blocking (`O_NONBLOCK`: a FIFO
-//! opens at once instead of waiting for a writer), checks with `fstat` on the open descriptor
-//! that it is a regular file before reading a byte, caps every read, and parses the very file
-//! it checked (one open, then `fstat`, then reads on that descriptor).
+//! whoever runs the model, so infermem first takes an `O_PATH` handle (which opens nothing:
+//! no FIFO waits for a writer, no device driver's open runs), checks with `fstat` on it that
+//! it is a regular file, then reopens that very inode for reading through `/proc/self/fd`
+//! (`O_NONBLOCK|O_CLOEXEC|O_NOCTTY`), caps every read, and parses the file it checked.
 //!
 //! Files of another process are opened through that process's own view: mapped files through
 //! `/proc/<pid>/map_files/<start>-<end>` (which also reaches deleted files), open files through
@@ -13,7 +13,10 @@ use std::{
     collections::HashMap,
     fs::File,
     io::Read as _,
-    os::unix::fs::FileTypeExt as _,
+    os::{
+        fd::{AsRawFd as _, OwnedFd},
+        unix::fs::FileTypeExt as _,
+    },
     path::{Path, PathBuf},
 };
 
@@ -99,23 +102,27 @@ pub fn open_regular(path: &Path) -> Result<OpenedFile, OpenError> {
 
 /// Opens `path`, known to the user as `shown`.
 fn open_as(path: &Path, shown: &Path) -> Result<OpenedFile, OpenError> {
-    let fd = rustix::fs::open(path, read_flags(), Mode::empty())
+    let handle = rustix::fs::open(path, OFlags::PATH | OFlags::CLOEXEC, Mode::empty())
         .map_err(|e| OpenError::new(shown, Refusal::Io(e.into())))?;
-    checked(File::from(fd), shown)
+    read_regular(handle, shown)
 }
 
-/// `fstat` on the open descriptor: only a regular file is accepted.
-fn checked(file: File, shown: &Path) -> Result<OpenedFile, OpenError> {
-    let metadata = file
-        .metadata()
-        .map_err(|e| OpenError::new(shown, Refusal::Io(e)))?;
-    let kind = metadata.file_type();
+/// Reopens the file an `O_PATH` handle holds for reading, if `fstat` on the handle shows a
+/// regular file; through `/proc/self/fd`, the reopened file is the same inode.
+fn read_regular(handle: OwnedFd, shown: &Path) -> Result<OpenedFile, OpenError> {
+    let io = |e: std::io::Error| OpenError::new(shown, Refusal::Io(e));
+    let handle = File::from(handle);
+    let kind = handle.metadata().map_err(io)?.file_type();
     if !kind.is_file() {
         return Err(OpenError::new(shown, Refusal::NotRegular(kind_name(kind))));
     }
+    let reopened = format!("/proc/self/fd/{}", handle.as_raw_fd());
+    let fd = rustix::fs::open(reopened, read_flags(), Mode::empty()).map_err(|e| io(e.into()))?;
+    let file = File::from(fd);
+    let size = file.metadata().map_err(io)?.len();
     Ok(OpenedFile {
         file,
-        size: metadata.len(),
+        size,
         path: shown.to_owned(),
     })
 }
@@ -150,12 +157,13 @@ pub fn open_in_root(pid: u32, path: &Path) -> Result<OpenedFile, OpenError> {
     // openat2 asks to retry (EAGAIN) when a rename raced the lookup.
     let mut attempt = 0;
     let fd = loop {
-        match rustix::fs::openat2(&root, path, read_flags(), Mode::empty(), resolve) {
+        let flags = OFlags::PATH | OFlags::CLOEXEC;
+        match rustix::fs::openat2(&root, path, flags, Mode::empty(), resolve) {
             Err(rustix::io::Errno::AGAIN) if attempt < 3 => attempt += 1,
             other => break other.map_err(io)?,
         }
     };
-    checked(File::from(fd), path)
+    read_regular(fd, path)
 }
 
 /// The files of one process, opened through its own view of them.
