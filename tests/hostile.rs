@@ -408,6 +408,7 @@ fn secrets_on_the_command_line_and_in_the_environment_never_appear() {
             "--hf-token=hf_inline_55e0",
             "-c",
             "2048",
+            "--title=\x1b]0;pwned\x07\x1b[2J",
         ],
         &[("HF_TOKEN", env_secret), ("MY_DB_PASSWORD", "pw_0a9c")],
     );
@@ -418,6 +419,11 @@ fn secrets_on_the_command_line_and_in_the_environment_never_appear() {
             assert!(!all.contains(secret), "{secret} leaked:\n{all}");
         }
         assert!(all.contains(redact::REDACTED), "{all}");
+        // The terminal escapes in an argument are written out, never sent.
+        assert!(!all.contains(['\x1b', '\x07']), "{all}");
+        if !json {
+            assert!(all.contains("--title=\\x1b]0;pwned\\x07\\x1b[2J"), "{all}");
+        }
         assert!(
             all.contains("2048"),
             "the recognised -c is still read:\n{all}"
@@ -456,4 +462,31 @@ fn a_fake_ollama_pointing_at_a_port_it_does_not_own_is_never_contacted() {
     eprintln!("hostile case | fake ollama, OLLAMA_HOST={host} (the test's port) | {notes}");
     assert!(workload.finish().success());
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn paths_of_a_process_in_another_root_resolve_in_that_root() {
+    require_root();
+    let root = scratch_dir("hostile-root");
+    std::fs::create_dir_all(root.join("models")).unwrap();
+    std::fs::create_dir_all(root.join("real")).unwrap();
+    std::fs::write(root.join("real/config.json"), b"inside").unwrap();
+    // Absolute symlinks, as a container's own files have them.
+    std::os::unix::fs::symlink("/real/config.json", root.join("models/config.json")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", root.join("models/zero.json")).unwrap();
+    let mut cmd = Command::new(workload_bin());
+    cmd.arg("chroot").arg(&root);
+    let mut rooted = Talker::spawn(cmd);
+    rooted.expect_event("rooted");
+    let open = |path: &str| open::open_in_root(rooted.pid(), Path::new(path));
+    let config = open("/models/config.json").expect("the root's own /real/config.json");
+    assert_eq!(config.read_capped(100).unwrap(), b"inside");
+    // The root's /dev/zero (absent), not the host's; and `..` does not climb out.
+    assert!(open("/models/zero.json").unwrap_err().is_not_found());
+    assert!(open("/../../../../etc/passwd").unwrap_err().is_not_found());
+    eprintln!(
+        "hostile case | a process in another root | its paths and symlinks resolve in its root"
+    );
+    assert!(rooted.finish().success());
+    std::fs::remove_dir_all(root).unwrap();
 }

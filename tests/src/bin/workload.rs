@@ -11,6 +11,8 @@
 //! - `hog MIB_PER_STEP`: waits, then allocates and touches memory until the OOM killer ends it.
 //! - `map-file FILE [ARGS…]`: maps all of FILE (read-only, private), says so, then waits until
 //!   stdin closes; ARGS are ignored (tests put what infermem must not reveal there).
+//! - `chroot DIR`: changes its root to DIR, says so, then waits until stdin closes (a process
+//!   whose paths mean something else than the host's, as in a container).
 //! - `churn MIB ITERATIONS`: waits, then maps MIB of anonymous memory, writes every page and
 //!   unmaps it, ITERATIONS times (a fault-heavy load for `cargo xtask bench overhead`); prints
 //!   the elapsed nanoseconds.
@@ -34,6 +36,7 @@ fn main() {
         "hog" => hog(number(1)),
         "churn" => churn(number(1), number(2)),
         "map-file" => map_file(arg(1)),
+        "chroot" => chroot(arg(1)),
         _ => usage(),
     }
 }
@@ -107,6 +110,15 @@ fn map_file(path: &str) {
     let len = file.metadata().expect("fstat").len() as usize;
     map(len, libc::PROT_READ, libc::MAP_PRIVATE, file.as_raw_fd());
     say(&format!(r#"{{"event":"mapped","bytes":{len}}}"#));
+    while wait_for_line() {}
+}
+
+fn chroot(dir: &str) {
+    let dir = std::ffi::CString::new(dir).expect("a path without NUL");
+    // SAFETY: valid NUL-terminated paths.
+    let rooted = unsafe { libc::chroot(dir.as_ptr()) == 0 && libc::chdir(c"/".as_ptr()) == 0 };
+    assert!(rooted, "chroot: {}", std::io::Error::last_os_error());
+    say(r#"{"event":"rooted"}"#);
     while wait_for_line() {}
 }
 
