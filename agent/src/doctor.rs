@@ -75,24 +75,32 @@ pub fn run(options: &ProbeOptions) -> Vec<Check> {
         },
     ));
     checks.push(Check::new("tracefs", false, tracefs()));
-    for probe in Probe::ALL {
-        let outcome = match &btf {
-            Ok(btf) => tracepoint(btf, probe.tracepoint()),
-            Err(_) => Err("unknown (no BTF)".to_owned()),
-        };
-        checks.push(Check::new(
-            format!("tracepoint {}", probe.tracepoint()),
-            true,
-            outcome,
-        ));
-    }
+    let loaded = Probes::load(options);
     checks.push(Check::new(
         "probes load and attach",
         true,
-        Probes::load(options)
-            .map(|_| format!("all {} probes verified and attached", Probe::ALL.len()))
+        loaded
+            .as_ref()
+            .map(|p| {
+                let attached = Probe::ALL.len() - p.unavailable().len();
+                format!(
+                    "{attached} of {} probes verified and attached",
+                    Probe::ALL.len()
+                )
+            })
             .map_err(|e| e.to_string()),
     ));
+    for probe in Probe::ALL {
+        let outcome = match &btf {
+            Ok(btf) => probe_check(btf, loaded.as_ref().ok(), probe),
+            Err(_) => Err("unknown (no BTF)".to_owned()),
+        };
+        checks.push(Check::new(
+            format!("probe {}", probe.tracepoint()),
+            false,
+            outcome,
+        ));
+    }
     checks.push(Check::new("memory cgroup", true, memory_cgroup()));
     checks.push(Check::new("PSI (memory pressure)", false, psi()));
     checks.push(Check::new("NVIDIA devices", false, nvidia()));
@@ -201,12 +209,30 @@ fn tracefs() -> Result<String, String> {
     }
 }
 
-fn tracepoint(btf: &btf_rs::Btf, name: &str) -> Result<String, String> {
+/// Whether `probe` runs on this kernel, and if not, which features are off.
+fn probe_check(btf: &btf_rs::Btf, loaded: Option<&Probes>, probe: Probe) -> Result<String, String> {
+    let name = probe.tracepoint();
+    let lost = probes::lost_features(probe);
     let typedef = format!("btf_trace_{name}");
-    match btf.resolve_ids_by_name(&typedef) {
-        Ok(ids) if !ids.is_empty() => Ok(format!("raw tracepoint {name} is in the kernel's BTF")),
-        _ => Err(format!("no {typedef} in the kernel's BTF")),
+    if !btf
+        .resolve_ids_by_name(&typedef)
+        .is_ok_and(|ids| !ids.is_empty())
+    {
+        return Err(format!("no {typedef} in the kernel's BTF; off: {lost}"));
     }
+    let Some(loaded) = loaded else {
+        return Err(format!(
+            "raw tracepoint {name} is in the kernel's BTF, but the probes did not load"
+        ));
+    };
+    if let Some((_, reason)) = loaded.unavailable().iter().find(|(p, _)| *p == probe) {
+        return Err(format!("{reason}; off: {lost}"));
+    }
+    let form = match (probe, loaded.mark_victim()) {
+        (Probe::OomVictim, Some(form)) => format!(" ({} form)", form.prototype()),
+        _ => String::new(),
+    };
+    Ok(format!("attached to raw tracepoint {name}{form}"))
 }
 
 fn memory_cgroup() -> Result<String, String> {

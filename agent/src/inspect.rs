@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use infermem_common::LARGE_MAPPING_BYTES;
+use infermem_common::{LARGE_MAPPING_BYTES, Probe};
 use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::{
@@ -27,7 +27,7 @@ use crate::{
         analysis::{AnonBlock, BlockSource, ProcessFacts},
         discovery,
     },
-    probes::{EventReader, OomVictim, ProbeError, ProbeOptions, Probes},
+    probes::{self, EventReader, OomVictim, ProbeError, ProbeOptions, Probes},
     report::{
         AllocationReport, CgroupReport, ErrorBody, ErrorReport, FaultReport, InspectReport,
         MappingReport, MemoryReport, OomKillReport, OomReport, ProbeReport, SCHEMA_VERSION,
@@ -223,9 +223,15 @@ impl AsRawFd for RingFd {
     }
 }
 
+/// The probes, if they count faults on this kernel (without `page_fault_user`, fault counts
+/// come from procfs and per-mapping faults are unknown).
+fn fault_probes(probes: Option<&Probes>) -> Option<&Probes> {
+    probes.filter(|p| p.attached(Probe::PageFault))
+}
+
 fn sample(identity: &ProcessIdentity, probes: Option<&Probes>) -> Result<Sample, CollectError> {
     let procfs = process::counters(identity)?;
-    let ebpf = probes.map(|p| {
+    let ebpf = fault_probes(probes).map(|p| {
         p.fault_counters(identity.pid)
             .map_or((0, 0), |c| (c.faults, c.file_faults))
     });
@@ -238,7 +244,7 @@ fn sample(identity: &ProcessIdentity, probes: Option<&Probes>) -> Result<Sample,
 
 /// Faults so far in each mapped file, by path.
 fn file_faults(probes: Option<&Probes>, pid: u32, files: &[MappedFile]) -> HashMap<PathBuf, u64> {
-    let Some(probes) = probes else {
+    let Some(probes) = fault_probes(probes) else {
         return HashMap::new();
     };
     files
@@ -448,7 +454,7 @@ fn mapping_report(
     start_faults: &HashMap<PathBuf, u64>,
     window: f64,
 ) -> MappingReport {
-    let faults_per_s = probes.map(|probes| {
+    let faults_per_s = fault_probes(probes).map(|probes| {
         let now = probes.mapping_faults(pid, &file.ranges);
         let before = start_faults.get(&file.path).copied().unwrap_or(0);
         now.saturating_sub(before) as f64 / window
@@ -467,6 +473,12 @@ fn probe_reports(probes: &Probes) -> Vec<ProbeReport> {
         .probe_stats()
         .into_iter()
         .map(|(probe, stats)| ProbeReport {
+            attached: probes.attached(probe),
+            unavailable: probes
+                .unavailable()
+                .iter()
+                .find(|(p, _)| *p == probe)
+                .map(|(_, reason)| format!("{reason}; off: {}", probes::lost_features(probe))),
             name: probe.program().to_owned(),
             tracepoint: probe.tracepoint().to_owned(),
             events: stats.events,

@@ -1,7 +1,9 @@
 //! The kernel probes, from userspace: load and attach them with aya, then read their maps.
 //!
 //! [`Probes::load`] checks what it needs first (privileges, BTF), so that a missing feature is
-//! a clear [`ProbeError`] rather than a verifier log.
+//! a clear [`ProbeError`] rather than a verifier log. Each probe then loads and attaches on its
+//! own: a probe this kernel cannot run is listed in [`Probes::unavailable`] and turns off only
+//! the features that depend on it ([`lost_features`]).
 
 pub mod events;
 pub mod offsets;
@@ -22,6 +24,7 @@ use infermem_common::{
 };
 
 pub use events::{EventDetail, KernelEvent, OomVictim};
+pub use offsets::MarkVictim;
 
 /// The compiled probes, built by `build.rs` from `ebpf/infermem-ebpf`.
 static PROBES_OBJECT: &[u8] =
@@ -52,6 +55,12 @@ pub enum ProbeError {
     },
     #[error("the eBPF object has no usable map {0}")]
     Map(&'static str),
+    #[error(
+        "the kernel's {0} tracepoint is missing from its BTF or has a prototype the probes do not know"
+    )]
+    Prototype(&'static str),
+    #[error("no probe could be attached: {0}")]
+    NoneAttached(String),
 }
 
 /// Options for [`Probes::load`].
@@ -91,24 +100,42 @@ pub struct Probes {
     stats: PerCpuArray<MapData, ProbeStats>,
     events: Option<RingBuf<MapData>>,
     offsets: KernelOffsets,
+    mark_victim: Option<MarkVictim>,
+    unavailable: Vec<(Probe, String)>,
+}
+
+/// What the running kernel's BTF says, for loading the probes.
+struct KernelBtf {
+    aya: Btf,
+    offsets: KernelOffsets,
+    mark_victim: Option<MarkVictim>,
 }
 
 impl Probes {
-    /// Checks privileges and BTF, loads the probes and attaches all of them.
+    /// Checks privileges and BTF, loads the probes and attaches each one the kernel can run;
+    /// fails only if none can be.
     pub fn load(options: &ProbeOptions) -> Result<Probes, ProbeError> {
         check_privileges()?;
         let syscalls = syscall_numbers()?;
-        let (aya_btf, offsets) = load_btf(&options.btf_path)?;
+        let kernel = load_btf(&options.btf_path)?;
 
         let mut ebpf = EbpfLoader::new()
-            .btf(Some(&aya_btf))
-            .override_global(global_names::KERNEL_OFFSETS, &offsets, true)
+            .btf(Some(&kernel.aya))
+            .override_global(global_names::KERNEL_OFFSETS, &kernel.offsets, true)
             .override_global(global_names::SYSCALL_NUMBERS, &syscalls, true)
             .load(PROBES_OBJECT)
             .map_err(|e| ProbeError::Load(Box::new(e)))?;
 
-        for probe in Probe::ALL {
-            attach(&mut ebpf, &aya_btf, probe)?;
+        let unavailable: Vec<(Probe, String)> = Probe::ALL
+            .into_iter()
+            .filter_map(|probe| {
+                let error = attach(&mut ebpf, &kernel, probe).err()?;
+                Some((probe, error.to_string()))
+            })
+            .collect();
+        if unavailable.len() == Probe::ALL.len() {
+            let reasons: Vec<&str> = unavailable.iter().map(|(_, e)| e.as_str()).collect();
+            return Err(ProbeError::NoneAttached(reasons.join("; ")));
         }
 
         let mut take = |name: &'static str| ebpf.take_map(name).ok_or(ProbeError::Map(name));
@@ -138,8 +165,26 @@ impl Probes {
             epoch,
             stats,
             events: Some(events),
-            offsets,
+            offsets: kernel.offsets,
+            mark_victim: kernel.mark_victim,
+            unavailable,
         })
+    }
+
+    /// The probes this kernel could not load or attach, with the reason for each; the
+    /// features they carry are off (see [`lost_features`]).
+    pub fn unavailable(&self) -> &[(Probe, String)] {
+        &self.unavailable
+    }
+
+    /// Whether `probe` is attached.
+    pub fn attached(&self, probe: Probe) -> bool {
+        !self.unavailable.iter().any(|(p, _)| *p == probe)
+    }
+
+    /// The `mark_victim` prototype of this kernel, which chose the OOM probe's program.
+    pub fn mark_victim(&self) -> Option<MarkVictim> {
+        self.mark_victim
     }
 
     /// The structure offsets the probes were given.
@@ -264,8 +309,13 @@ impl Probes {
                 .flatten()
                 .filter(|k| matches(k.tgid))
                 .count(),
-            // Keyed by thread id, so only the total is meaningful.
-            syscall_args: self.syscall_args.keys().flatten().count(),
+            // Keyed by thread id: for one process, the entry of its main thread.
+            syscall_args: self
+                .syscall_args
+                .keys()
+                .flatten()
+                .filter(|t| matches(*t))
+                .count(),
         }
     }
 
@@ -325,7 +375,7 @@ fn syscall_numbers() -> Result<SyscallNumbers, ProbeError> {
     }
 }
 
-fn load_btf(path: &Path) -> Result<(Btf, KernelOffsets), ProbeError> {
+fn load_btf(path: &Path) -> Result<KernelBtf, ProbeError> {
     let no_btf = |reason: String| ProbeError::NoBtf {
         path: path.to_owned(),
         reason,
@@ -336,23 +386,61 @@ fn load_btf(path: &Path) -> Result<(Btf, KernelOffsets), ProbeError> {
     let aya_btf =
         Btf::parse_file(path, Endianness::default()).map_err(|e| no_btf(e.to_string()))?;
     let btf = btf_rs::Btf::from_file(path).map_err(|e| no_btf(e.to_string()))?;
-    Ok((aya_btf, offsets::resolve(&btf)))
+    Ok(KernelBtf {
+        aya: aya_btf,
+        offsets: offsets::resolve(&btf),
+        mark_victim: MarkVictim::detect(&btf),
+    })
 }
 
-fn attach(ebpf: &mut Ebpf, btf: &Btf, probe: Probe) -> Result<(), ProbeError> {
+/// The program implementing `probe` on this kernel: the OOM probe's follows the prototype of
+/// `mark_victim` in the kernel's BTF.
+fn program_name(probe: Probe, kernel: &KernelBtf) -> Result<&'static str, ProbeError> {
+    match probe {
+        Probe::OomVictim => kernel
+            .mark_victim
+            .map(MarkVictim::program)
+            .ok_or(ProbeError::Prototype(probe.tracepoint())),
+        _ => Ok(probe.program()),
+    }
+}
+
+fn attach(ebpf: &mut Ebpf, kernel: &KernelBtf, probe: Probe) -> Result<(), ProbeError> {
+    let name = program_name(probe, kernel)?;
     let fail = |source: aya::programs::ProgramError| ProbeError::Program {
-        probe: probe.program(),
+        probe: name,
         tracepoint: probe.tracepoint(),
         source: Box::new(source),
     };
     let program: &mut BtfTracePoint = ebpf
-        .program_mut(probe.program())
-        .ok_or(ProbeError::Map(probe.program()))?
+        .program_mut(name)
+        .ok_or(ProbeError::Map(name))?
         .try_into()
         .map_err(fail)?;
-    program.load(probe.tracepoint(), btf).map_err(fail)?;
+    program
+        .load(probe.tracepoint(), &kernel.aya)
+        .map_err(fail)?;
     program.attach().map_err(fail)?;
     Ok(())
+}
+
+/// What is off when `probe` is unavailable.
+pub fn lost_features(probe: Probe) -> &'static str {
+    match probe {
+        Probe::SysEnter | Probe::SysExit => {
+            "no mmap/munmap/mremap/brk accounting or allocation events, and no fault attribution \
+             to file mappings made after the probes attached"
+        }
+        Probe::PageFault => {
+            "no fault attribution without page_fault_user: fault totals come from procfs, \
+             per-mapping faults and the file/anonymous split are unknown"
+        }
+        Probe::Exec | Probe::Exit => {
+            "map entries of exited or re-executed processes are not reclaimed (the maps fill up)"
+        }
+        Probe::Fork => "no fork events of processes with large file mappings",
+        Probe::OomVictim => "OOM kills are not captured (no victim pid, memcg or RSS)",
+    }
 }
 
 /// Loading tracing programs needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN).
@@ -409,6 +497,13 @@ mod tests {
             )
         };
         assert_ne!(block, libc::MAP_FAILED);
+        // One fault per 4 KiB page, even where transparent huge pages are on by default
+        // (Debian's kernels: 2 MiB faults would count one per 512 pages).
+        // SAFETY: advice on the mapping we own.
+        assert_eq!(
+            unsafe { libc::madvise(block, len, libc::MADV_NOHUGEPAGE) },
+            0
+        );
         for page in 0..len / 4096 {
             // SAFETY: inside the mapping.
             unsafe { std::ptr::write_volatile((block as *mut u8).add(page * 4096), 1) };

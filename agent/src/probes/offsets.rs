@@ -27,7 +27,7 @@ pub fn resolve(btf: &Btf) -> KernelOffsets {
         cgroup_kn: field(&["cgroup", "kn"]),
         kernfs_node_id: field(&["kernfs_node", "id"]),
         exit_has_group_dead: u32::from(tracepoint_arg_count(btf, "sched_process_exit") == Some(2)),
-        _pad: 0,
+        task_pid: field(&["task_struct", "pid"]),
     }
 }
 
@@ -35,6 +35,7 @@ pub fn resolve(btf: &Btf) -> KernelOffsets {
 pub fn missing_fields(offsets: &KernelOffsets) -> Vec<&'static str> {
     let fields = [
         ("task_struct.tgid", offsets.task_tgid),
+        ("task_struct.pid", offsets.task_pid),
         ("task_struct.comm", offsets.task_comm),
         ("task_struct.mm", offsets.task_mm),
         ("task_struct.signal", offsets.task_signal),
@@ -54,6 +55,43 @@ pub fn missing_fields(offsets: &KernelOffsets) -> Vec<&'static str> {
         .filter(|&(_, offset)| offset == KernelOffsets::MISSING)
         .map(|(name, _)| name)
         .collect()
+}
+
+/// The prototype of the `mark_victim` tracepoint, which changed in Linux 6.8 (and 6.1.133).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarkVictim {
+    /// `(struct task_struct *task, uid_t uid)`: the probe reads everything from the task.
+    Task,
+    /// `(int pid)`: the probe knows the victim fully only when it is the current task.
+    Pid,
+}
+
+impl MarkVictim {
+    /// The prototype in the running kernel's BTF (`btf_trace_mark_victim`); None if the
+    /// tracepoint is missing or has a prototype the probes do not know.
+    pub fn detect(btf: &Btf) -> Option<MarkVictim> {
+        match tracepoint_arg_count(btf, "mark_victim")? {
+            2 => Some(MarkVictim::Task),
+            1 => Some(MarkVictim::Pid),
+            _ => None,
+        }
+    }
+
+    /// The BPF program written for this prototype.
+    pub fn program(self) -> &'static str {
+        match self {
+            MarkVictim::Task => infermem_common::Probe::OomVictim.program(),
+            MarkVictim::Pid => infermem_common::MARK_VICTIM_PID_PROGRAM,
+        }
+    }
+
+    /// The prototype, as C.
+    pub fn prototype(self) -> &'static str {
+        match self {
+            MarkVictim::Task => "mark_victim(struct task_struct *, uid_t)",
+            MarkVictim::Pid => "mark_victim(int pid)",
+        }
+    }
 }
 
 /// The named struct (not a forward declaration).
@@ -190,5 +228,72 @@ mod tests {
         assert!(rss[1] > rss[0] && rss[1] - rss[0] == rss[2] - rss[1]);
         // comm is a 16-byte array after tgid in every layout we know.
         assert_ne!(offsets.task_comm, offsets.task_tgid);
+        assert!(
+            MarkVictim::detect(&btf).is_some(),
+            "unknown mark_victim prototype"
+        );
+    }
+
+    /// A minimal BTF blob declaring `btf_trace_mark_victim` as a pointer to a function taking
+    /// `void *` and then `params` (type ids: 1 = int, 4 = struct task_struct *, 5 = uid_t),
+    /// as the kernel's BTF does for every raw tracepoint.
+    fn mark_victim_btf(params: &[u32]) -> Vec<u8> {
+        const INT: u32 = 1;
+        const PTR: u32 = 2;
+        const STRUCT: u32 = 4;
+        const TYPEDEF: u32 = 8;
+        const FUNC_PROTO: u32 = 13;
+        let strings = b"\0int\0task_struct\0uid_t\0btf_trace_mark_victim\0";
+        let name = |s: &str| {
+            let at = strings
+                .windows(s.len() + 1)
+                .position(|w| &w[1..] == s.as_bytes());
+            at.expect("name in the string section") as u32 + 1
+        };
+        let ty = |name_off: u32, kind: u32, vlen: u32, size_or_type: u32| {
+            [name_off, kind << 24 | vlen, size_or_type]
+        };
+        let mut types: Vec<u32> = Vec::new();
+        types.extend(ty(name("int"), INT, 0, 4)); // 1
+        types.push(1 << 24 | 32); // signed, 32 bits
+        types.extend(ty(0, PTR, 0, 0)); // 2: void *
+        types.extend(ty(name("task_struct"), STRUCT, 0, 0)); // 3
+        types.extend(ty(0, PTR, 0, 3)); // 4: struct task_struct *
+        types.extend(ty(name("uid_t"), TYPEDEF, 0, 1)); // 5
+        let arity = params.len() as u32 + 1;
+        types.extend(ty(0, FUNC_PROTO, arity, 0)); // 6: void (*)(void *, ...)
+        for param in std::iter::once(2).chain(params.iter().copied()) {
+            types.extend([0, param]);
+        }
+        types.extend(ty(0, PTR, 0, 6)); // 7
+        types.extend(ty(name("btf_trace_mark_victim"), TYPEDEF, 0, 7)); // 8
+        let type_len = types.len() as u32 * 4;
+        let mut blob = vec![0x9f, 0xeb, 1, 0];
+        for word in [24, 0, type_len, type_len, strings.len() as u32] {
+            blob.extend(u32::to_le_bytes(word));
+        }
+        blob.extend(types.iter().flat_map(|w| w.to_le_bytes()));
+        blob.extend(strings);
+        blob
+    }
+
+    #[test]
+    fn mark_victim_with_a_task_and_a_uid_is_the_task_form() {
+        let btf = Btf::from_bytes(&mark_victim_btf(&[4, 5])).expect("valid BTF");
+        assert_eq!(MarkVictim::detect(&btf), Some(MarkVictim::Task));
+        assert_eq!(MarkVictim::Task.program(), "mark_victim");
+    }
+
+    #[test]
+    fn mark_victim_with_an_int_is_the_pid_form() {
+        let btf = Btf::from_bytes(&mark_victim_btf(&[1])).expect("valid BTF");
+        assert_eq!(MarkVictim::detect(&btf), Some(MarkVictim::Pid));
+        assert_eq!(MarkVictim::Pid.program(), "mark_victim_pid");
+    }
+
+    #[test]
+    fn an_unknown_mark_victim_prototype_is_none() {
+        let btf = Btf::from_bytes(&mark_victim_btf(&[1, 1, 1])).expect("valid BTF");
+        assert_eq!(MarkVictim::detect(&btf), None);
     }
 }

@@ -126,6 +126,10 @@ pub struct SourcesReport {
 pub struct ProbeReport {
     pub name: String,
     pub tracepoint: String,
+    /// Whether the probe runs on this kernel.
+    pub attached: bool,
+    /// Why it does not, and which features are off without it; null when attached.
+    pub unavailable: Option<String>,
     pub events: u64,
     pub ringbuf_drops: u64,
     pub map_drops: u64,

@@ -167,7 +167,8 @@ impl Probe {
         }
     }
 
-    /// The BPF program implementing the probe.
+    /// The BPF program implementing the probe (for `mark_victim`, its `(task, uid)` form; see
+    /// [`MARK_VICTIM_PID_PROGRAM`]).
     pub const fn program(self) -> &'static str {
         match self {
             Probe::SysEnter => "sys_enter",
@@ -180,6 +181,9 @@ impl Probe {
         }
     }
 }
+
+/// The program for `mark_victim(int pid)`, its prototype before Linux 6.8 (and 6.1.133).
+pub const MARK_VICTIM_PID_PROGRAM: &str = "mark_victim_pid";
 
 /// Per-probe health counters (per CPU; userspace sums).
 #[repr(C)]
@@ -226,7 +230,8 @@ pub struct KernelOffsets {
     pub kernfs_node_id: u32,
     /// 1 if `sched_process_exit` carries a `group_dead` argument (Linux 6.16+).
     pub exit_has_group_dead: u32,
-    pub _pad: u32,
+    /// `task_struct.pid` (the thread id), which `mark_victim(int pid)` carries.
+    pub task_pid: u32,
 }
 
 impl KernelOffsets {
@@ -247,7 +252,7 @@ impl KernelOffsets {
         cgroup_kn: Self::MISSING,
         kernfs_node_id: Self::MISSING,
         exit_has_group_dead: 0,
-        _pad: 0,
+        task_pid: Self::MISSING,
     };
 }
 

@@ -1,6 +1,12 @@
 //! OOM-killer victims (`oom:mark_victim`), with the victim's memcg and RSS at the kill.
+//!
+//! The tracepoint has two prototypes: `(struct task_struct *task, uid_t uid)` since Linux 6.8
+//! (and 6.1.133), `(int pid)` before. The agent reads the running kernel's prototype from BTF
+//! and loads the matching program; the other one is never loaded.
 
-use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
+use aya_ebpf::{
+    helpers::bpf_get_current_task, macros::btf_tracepoint, programs::BtfTracePointContext,
+};
 use infermem_common::{EventKind, Probe, UNKNOWN_VALUE};
 
 use crate::{
@@ -12,9 +18,40 @@ use crate::{
 #[btf_tracepoint(function = "mark_victim")]
 pub fn mark_victim(ctx: BtfTracePointContext) -> i32 {
     let task: u64 = ctx.arg(0);
+    report_task(task);
+    0
+}
+
+/// `mark_victim(int pid)`: only the victim's pid is given. When the victim is the task that
+/// ran into the limit (the usual case in a memcg holding one process), it is the current task
+/// and everything is read from it; otherwise only the pid is reported.
+#[btf_tracepoint(function = "mark_victim")]
+pub fn mark_victim_pid(ctx: BtfTracePointContext) -> i32 {
+    let pid: u64 = ctx.arg(0);
+    let pid = pid as u32 as i32;
+    // SAFETY: a helper with no preconditions.
+    let current = unsafe { bpf_get_current_task() };
+    if read_field::<i32>(current, offsets().task_pid) == Some(pid) {
+        report_task(current);
+    } else {
+        count_event(Probe::OomVictim);
+        emit(
+            Probe::OomVictim,
+            EventKind::OomVictim,
+            pid as u32,
+            [UNKNOWN_VALUE; 6],
+            [0; 16],
+        );
+    }
+    0
+}
+
+/// Reports the victim `task`: pid, comm, memcg, RSS by type, swap and `oom_score_adj`.
+#[inline(always)]
+fn report_task(task: u64) {
     let o = offsets();
     let Some(tgid) = read_field::<i32>(task, o.task_tgid) else {
-        return 0;
+        return;
     };
     let comm = read_field::<[u8; 16]>(task, o.task_comm).unwrap_or([0; 16]);
 
@@ -47,5 +84,4 @@ pub fn mark_victim(ctx: BtfTracePointContext) -> i32 {
         [memcg_id, rss(0), rss(1), rss(2), rss(3), oom_score_adj],
         comm,
     );
-    0
 }
