@@ -4,6 +4,7 @@ mod bench;
 mod cargo;
 mod fuzz;
 mod python;
+mod vm;
 
 use anyhow::{Result, bail};
 
@@ -16,6 +17,12 @@ tasks:
   test [-- ARGS]            build everything and run the whole test suite (needs root: the
                             end-to-end tests load eBPF programs and create memory cgroups);
                             provisions the llama.cpp tests' Python venv (wheel cached)
+  test --kernel <vmlinuz|debian12> [--cgroup v1|v2] [--timeout SECONDS]
+                            run the kernel-facing tests (probes, inspect, OOM, fork storm,
+                            cgroups; not llama.cpp) as root in QEMU (TCG) on that kernel, with
+                            that memory cgroup version (default v2); `debian12` downloads Debian
+                            12's current kernel package (cached in ~/.cache/infermem/kernels);
+                            installs qemu-system-x86, busybox-static and cpio if missing
   fuzz [--seconds N]        run the model file parsers' fuzz targets (cargo-fuzz, nightly) for
                             N seconds each (default 60) from the seeds in agent/fuzz/seeds
   bench overhead [--mib N] [--iterations N] [--rounds N]
@@ -44,6 +51,12 @@ fn main() -> Result<()> {
                 .cloned()
                 .collect::<Vec<_>>();
             cargo::run_infermem(release, &forwarded)
+        }
+        "test" if rest.iter().any(|a| a == "--kernel") => {
+            if !cargo::is_root() {
+                bail!("the VM runner installs packages with apt-get: run it as root");
+            }
+            vm::test(&vm::Options::parse(rest)?)
         }
         "test" => {
             let forwarded = rest

@@ -221,7 +221,9 @@ fn linker_works(bin_dir: &Path) -> bool {
         .is_ok_and(|out| out.status.success())
 }
 
-fn cache_dir() -> Result<PathBuf> {
+/// infermem's cache: `$INFERMEM_TOOLCHAIN_DIR`, `$XDG_CACHE_HOME/infermem` or
+/// `~/.cache/infermem`.
+pub fn cache_dir() -> Result<PathBuf> {
     if let Some(dir) = env::var_os("INFERMEM_TOOLCHAIN_DIR") {
         return Ok(PathBuf::from(dir));
     }
