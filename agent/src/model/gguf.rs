@@ -37,8 +37,8 @@ pub const MAX_KEYS: u64 = 1 << 16;
 /// carry 256 Ki-token vocabularies (Gemma 3: 262,144 tokens with their scores and types) and
 /// merges lists: ~10-20 MiB. Walking 256 MiB of short strings takes well under a second.
 pub const MAX_HEADER_BYTES: u64 = 256 << 20;
-/// Most memory the parsed header may take (strings, values and tensor infos kept, as
-/// charged by [`Reader::charge`]), whatever the file's length: a real header keeps a few
+/// Most memory the parsed header may take (strings, values and tensor infos kept, each
+/// charged before it is allocated), whatever the file's length: a real header keeps a few
 /// MiB (vocabularies are not kept); 1 Mi tensor infos need ~100 MiB, so for headers past
 /// ~600 Ki tensors this budget is the limit that binds.
 pub const MAX_PARSED_BYTES: u64 = 64 << 20;
@@ -401,6 +401,7 @@ impl<R: Read + Seek> Reader<R> {
         for _ in 0..count {
             let key = self.string("a metadata key")?;
             let value_type = self.u32("a value type")?;
+            // The entry, and the key's copy in the duplicate check.
             self.charge(size_of::<(String, Value)>() as u64 + key.len() as u64)?;
             let value = self.value(value_type, 0)?;
             if !keys.insert(key.clone()) {
