@@ -195,6 +195,14 @@ fn plan_rejects_the_hostile_corpus_quickly_and_in_bounded_memory() {
     mkfifo(&fifo);
     plan_rejects("FIFO named model.gguf", &fifo, "a FIFO, not a regular file");
 
+    let escapes = case_dir(&root, "escapes").join("model\x1b]0;pwned\x07.gguf");
+    mkfifo(&escapes);
+    plan_rejects(
+        "FIFO named with terminal escapes",
+        &escapes,
+        "model\\x1b]0;pwned\\x07.gguf: a FIFO",
+    );
+
     let zero = case_dir(&root, "zero").join("model.gguf");
     std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
     plan_rejects("model.gguf -> /dev/zero", &zero, "a character device");

@@ -190,7 +190,7 @@ fn main() -> ExitCode {
             let (ram_bytes, vram_bytes) = match budgets {
                 Ok(budgets) => budgets,
                 Err(err) => {
-                    eprintln!("error: {err}");
+                    eprintln!("error: {}", report::text::escape(&err.to_string()));
                     return ExitCode::FAILURE;
                 }
             };
@@ -215,7 +215,7 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(err) => {
-                    eprintln!("error: {err}");
+                    eprintln!("error: {}", report::text::escape(&err.to_string()));
                     ExitCode::FAILURE
                 }
             }
@@ -272,7 +272,7 @@ fn run_inspect(options: InspectOptions, json: bool) -> ExitCode {
             if json {
                 print_json(&err.to_report());
             }
-            eprintln!("error: {err}");
+            eprintln!("error: {}", report::text::escape(&err.to_string()));
             ExitCode::FAILURE
         }
     }
