@@ -3,7 +3,7 @@
 use std::process::Command;
 
 use infermem_tests::{
-    Inspection, Talker, assert_close, f64_of, infermem_bin, require_root, scratch_dir,
+    Inspection, Talker, assert_close, f64_of, infermem_bin, output_of, require_root, scratch_dir,
     workload_bin, write_file,
 };
 use serde_json::Value;
@@ -160,12 +160,12 @@ fn kernel_fault_count(pid: u32) -> u64 {
 }
 
 fn inspect_error(args: &[&str]) -> Value {
-    let output = Command::new(infermem_bin())
-        .arg("inspect")
-        .args(args)
-        .arg("--json")
-        .output()
-        .expect("run infermem");
+    let output = output_of(
+        Command::new(infermem_bin())
+            .arg("inspect")
+            .args(args)
+            .arg("--json"),
+    );
     assert!(!output.status.success(), "expected failure: {output:?}");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -223,18 +223,15 @@ fn without_btf_inspect_says_so_and_falls_back_unless_ebpf_is_required() {
         "{message}"
     );
 
-    let output = Command::new(infermem_bin())
-        .args([
-            "inspect",
-            &me,
-            "--json",
-            "--duration",
-            "300ms",
-            "--btf",
-            "/nonexistent/vmlinux",
-        ])
-        .output()
-        .unwrap();
+    let output = output_of(Command::new(infermem_bin()).args([
+        "inspect",
+        &me,
+        "--json",
+        "--duration",
+        "300ms",
+        "--btf",
+        "/nonexistent/vmlinux",
+    ]));
     assert!(output.status.success(), "{output:?}");
     let report: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(report["sources"]["ebpf"], false);
@@ -272,10 +269,13 @@ fn without_privileges_inspect_falls_back_to_procfs() {
     workload.send_line("go");
     workload.expect_event("touched");
 
-    let output = as_nobody(&infermem_bin())
-        .args(["inspect", &pid.to_string(), "--json", "--duration", "300ms"])
-        .output()
-        .unwrap();
+    let output = output_of(as_nobody(&infermem_bin()).args([
+        "inspect",
+        &pid.to_string(),
+        "--json",
+        "--duration",
+        "300ms",
+    ]));
     assert!(output.status.success(), "{output:?}");
     let report: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(report["sources"]["ebpf"], false);
@@ -294,5 +294,59 @@ fn without_privileges_inspect_falls_back_to_procfs() {
             .any(|m| m["path"] == model.to_str().unwrap())
     );
     workload.finish();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A launcher script that execs into the real program while `inspect` samples it (as service
+/// wrappers do): the process lives on with the same pid and start time, so inspect follows it
+/// into its new program and says an exec happened, instead of calling it an exit.
+#[test]
+fn an_exec_during_sampling_is_followed_not_reported_as_an_exit() {
+    require_root();
+    let dir = scratch_dir("inspect-exec");
+    let model = dir.join("model.gguf");
+    write_file(&model, 8);
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        r#"echo '{"event": "waiting"}'; read -r go; exec "$0" map-and-alloc "$1" 8 4"#,
+    ])
+    .arg(workload_bin())
+    .arg(&model);
+    let mut launcher = Talker::spawn(cmd);
+    launcher.expect_event("waiting");
+    let pid = launcher.pid();
+    let mut inspection = Inspection::start(pid, "3s", &["--require-ebpf"]);
+    inspection.wait_until_sampling();
+    launcher.send_line("exec");
+    assert_eq!(launcher.expect_event("mapped")["pid"], pid);
+    launcher.send_line("go");
+    launcher.expect_event("touched");
+    let (ok, report) = inspection.finish();
+    assert!(ok, "an exec is not an exit: {report}");
+    assert_eq!(report["pid"], pid);
+    assert_eq!(report["execs"], serde_json::json!(["workload"]), "{report}");
+    assert_eq!(report["comm"], "workload");
+    assert_eq!(report["cmdline"][1], "map-and-alloc");
+    assert!(
+        report["mappings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["path"] == model.to_str().unwrap()),
+        "the new program's mappings are read: {}",
+        report["mappings"]
+    );
+    // The new program's anonymous block was seen allocated after the exec.
+    assert!(
+        report["allocations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["bytes"].as_u64().unwrap() >= 4 << 20),
+        "{}",
+        report["allocations"]
+    );
+    launcher.finish();
     std::fs::remove_dir_all(dir).unwrap();
 }

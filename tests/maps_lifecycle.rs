@@ -1,4 +1,7 @@
 //! The probes' maps stay bounded: a fork-and-exit storm leaves no entries behind.
+//!
+//! Only the storm's own pids are checked: the maps are host-wide, and anything else running
+//! beside the test (a build, another test) may add entries of its own at any time.
 
 use std::{process::Command, time::Duration};
 
@@ -16,7 +19,6 @@ fn a_fork_and_exit_storm_leaves_no_map_entries_behind() {
     write_file(&model, 4);
 
     let probes = Probes::load(&ProbeOptions::default()).expect("probes load");
-    let before = probes.occupancy(None);
 
     let mut cmd = Command::new(workload_bin());
     cmd.args(["storm", model.to_str().unwrap(), &CHILDREN.to_string()]);
@@ -40,28 +42,13 @@ fn a_fork_and_exit_storm_leaves_no_map_entries_behind() {
         assert_eq!(left.fault_counters, 0, "fault counters of {pid} left");
         assert_eq!(left.proc_memory, 0, "memory accounting of {pid} left");
         assert_eq!(left.file_buckets, 0, "file buckets of {pid} left");
+        assert_eq!(left.syscall_args, 0, "syscall arguments of {pid} left");
     }
-    let after = probes.occupancy(None);
-    assert!(
-        after.file_buckets <= before.file_buckets,
-        "file buckets grew from {} to {}",
-        before.file_buckets,
-        after.file_buckets
-    );
-    // Syscall arguments are per thread and transient: nothing should pile up.
-    assert!(
-        after.syscall_args <= before.syscall_args + 8,
-        "{before:?} -> {after:?}"
-    );
-
-    // The probes saw the storm: every child exited with file mappings, every fork came from
-    // a parent with file mappings, and nothing was dropped.
+    // The probes saw the storm: every child exited with file mappings, and every fork came
+    // from a parent with file mappings (other processes can only add to these counts).
     let stats = probes.probe_stats();
     let events = |probe: Probe| stats.iter().find(|(p, _)| *p == probe).unwrap().1;
     assert!(events(Probe::Exit).events >= CHILDREN as u64);
     assert!(events(Probe::Fork).events >= CHILDREN as u64);
-    for (probe, s) in &stats {
-        assert_eq!(s.map_drops, 0, "{probe:?} dropped map updates");
-    }
     std::fs::remove_dir_all(dir).unwrap();
 }

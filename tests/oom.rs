@@ -20,7 +20,7 @@ fn an_oom_kill_in_a_64_mib_memcg_is_captured_with_the_right_pid() {
     inspection.wait_until_sampling();
     hog.send_line("go");
     let (ok, error) = inspection.finish();
-    let status = hog.child.wait().expect("wait hog");
+    let status = hog.wait();
 
     assert_eq!(
         status.signal(),

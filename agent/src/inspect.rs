@@ -148,7 +148,7 @@ pub async fn inspect(options: &InspectOptions) -> Result<InspectReport, InspectE
     // Both baselines are read before sampling is announced: faults that follow the
     // announcement must land in the window, per mapping as well as in total.
     let start = sample(&identity, probes.as_ref())?;
-    let start_mapping_faults = file_faults(
+    let mut start_mapping_faults = file_faults(
         probes.as_ref(),
         pid,
         &maps::mapped_files(&start_vmas, LARGE_MAPPING_BYTES),
@@ -168,6 +168,10 @@ pub async fn inspect(options: &InspectOptions) -> Result<InspectReport, InspectE
         err if err.is_gone() => exited(&state),
         err => InspectError::Collect(err),
     })?;
+    if !state.execs.is_empty() {
+        // The probes count the new program's mappings from zero.
+        start_mapping_faults.clear();
+    }
 
     build_report(
         &state,
@@ -362,6 +366,7 @@ fn build_report(
         pid,
         comm: identity.comm,
         cmdline: model::redact::cmdline(&identity.cmdline),
+        execs: state.execs.clone(),
         cgroup,
         memory: MemoryReport {
             rss_bytes: usage.rss,

@@ -70,15 +70,17 @@ pub struct ProcessState {
     pub allocations: VecDeque<Allocation>,
     /// Set when the OOM killer chose this process.
     pub oom_kill: Option<OomVictim>,
-    /// Set when the process exited (or exec'd into another program).
+    /// Programs (their comm) the process exec'd into while tracked, oldest first. An exec
+    /// keeps the process (same pid and start time) but replaces its address space.
+    pub execs: Vec<String>,
+    /// Set when the process exited.
     pub ended: Option<ProcessEnd>,
 }
 
-/// How a tracked process stopped being the process we tracked.
+/// How a tracked process ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProcessEnd {
     Exited,
-    Execed { comm: String },
 }
 
 impl ProcessState {
@@ -89,6 +91,7 @@ impl ProcessState {
             file_mappings: BTreeMap::new(),
             allocations: VecDeque::new(),
             oom_kill: None,
+            execs: Vec::new(),
             ended: None,
         }
     }
@@ -203,7 +206,10 @@ impl ProcessState {
             }
             EventDetail::Brk { .. } | EventDetail::Fork { .. } => {}
             EventDetail::Exec { comm } => {
-                self.ended = Some(ProcessEnd::Execed { comm: comm.clone() })
+                // The old program's mappings and allocations are gone with its address space.
+                self.file_mappings.clear();
+                self.allocations.clear();
+                self.execs.push(comm.clone());
             }
             EventDetail::Exit { .. } => self.ended = Some(ProcessEnd::Exited),
             EventDetail::OomVictim(victim) => self.oom_kill = Some(victim.clone()),
@@ -260,17 +266,22 @@ mod tests {
         }
     }
 
-    #[test]
-    fn tracks_mappings_and_allocations_through_events() {
-        let mut s = state();
-        s.apply(&event(EventDetail::Mmap {
-            addr: 0x1000_0000,
-            len: 64 << 20,
+    /// A read-only private mapping of a file.
+    fn file_mmap(addr: u64, len: u64) -> KernelEvent {
+        event(EventDetail::Mmap {
+            addr,
+            len,
             prot: 1,
             flags: 2,
             fd: Some(3),
             pgoff: 0,
-        }));
+        })
+    }
+
+    #[test]
+    fn tracks_mappings_and_allocations_through_events() {
+        let mut s = state();
+        s.apply(&file_mmap(0x1000_0000, 64 << 20));
         s.apply(&event(EventDetail::Mmap {
             addr: 0x8000_0000,
             len: 32 << 20,
@@ -300,6 +311,26 @@ mod tests {
         assert_eq!(s.ended, None);
         s.apply(&event(EventDetail::Exit { comm: "x".into() }));
         assert_eq!(s.ended, Some(ProcessEnd::Exited));
+    }
+
+    #[test]
+    fn an_exec_is_not_an_exit_and_forgets_the_old_address_space() {
+        let mut s = state();
+        s.apply(&file_mmap(0x1000_0000, 64 << 20));
+        s.apply(&event(EventDetail::Brk {
+            old_brk: 0,
+            new_brk: 4 << 20,
+        }));
+        s.apply(&event(EventDetail::Exec {
+            comm: "llama-server".into(),
+        }));
+        assert_eq!(s.ended, None);
+        assert_eq!(s.execs, ["llama-server"]);
+        assert!(s.file_mappings.is_empty());
+        assert_eq!(s.allocations.len(), 0);
+        // The new program's mappings are tracked as usual.
+        s.apply(&file_mmap(0x2000_0000, 8 << 20));
+        assert_eq!(s.file_mappings.len(), 1);
     }
 
     #[test]

@@ -10,7 +10,8 @@ pub mod llama;
 use std::{
     io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    process::{Child, ChildStdin, Command, ExitStatus, Stdio},
+    sync::mpsc::{Receiver, RecvTimeoutError},
     time::{Duration, Instant},
 };
 
@@ -85,27 +86,93 @@ pub fn write_file(path: &Path, mib: usize) {
     file.sync_all().expect("sync file");
 }
 
-/// A child process that speaks one JSON object per line on stdout.
+/// How long a test waits for a child's next event unless it says otherwise (the VM of the
+/// kernel matrix runs CPU work ~6x slower than a host).
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Lines a reader thread forwards from a child's pipe.
+fn forward_lines(pipe: impl std::io::Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Where a child's stderr goes, so that a failure can show it.
+enum Stderr {
+    /// Piped to the test: the lines so far.
+    Piped(Receiver<String>, Vec<String>),
+    /// Written to a log file the test reads.
+    Logged(PathBuf),
+}
+
+impl Stderr {
+    /// The last few KiB of what the child wrote.
+    fn tail(&mut self) -> String {
+        let text = match self {
+            Stderr::Piped(rx, seen) => {
+                seen.extend(rx.try_iter());
+                seen.join("\n")
+            }
+            Stderr::Logged(path) => std::fs::read_to_string(path).unwrap_or_default(),
+        };
+        let start = text.len().saturating_sub(8 << 10);
+        let start = (start..text.len())
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(text.len());
+        text[start..].to_owned()
+    }
+}
+
+/// A child process that speaks one JSON object per line on stdout. Every wait on it has a
+/// timeout, and a failure shows the child's stderr.
 pub struct Talker {
     pub child: Child,
     stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
+    stdout: Receiver<String>,
+    stderr: Stderr,
 }
 
 impl Talker {
-    /// Starts `cmd` with piped stdin/stdout.
+    /// Starts `cmd` with piped stdin, stdout and stderr.
     pub fn spawn(mut cmd: Command) -> Talker {
+        cmd.stderr(Stdio::piped());
+        let mut talker = Talker::start(cmd, None);
+        let stderr = talker.child.stderr.take().expect("stderr");
+        talker.stderr = Stderr::Piped(forward_lines(stderr), Vec::new());
+        talker
+    }
+
+    /// Starts `cmd` with its stderr written to `log`.
+    pub fn spawn_logging(mut cmd: Command, log: &Path) -> Talker {
+        cmd.stderr(Stdio::from(
+            std::fs::File::create(log).expect("create child log"),
+        ));
+        Talker::start(cmd, Some(log.to_owned()))
+    }
+
+    fn start(mut cmd: Command, log: Option<PathBuf>) -> Talker {
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
         let stdin = child.stdin.take();
-        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let stdout = forward_lines(child.stdout.take().expect("stdout"));
+        let stderr = match log {
+            Some(path) => Stderr::Logged(path),
+            None => Stderr::Piped(std::sync::mpsc::channel().1, Vec::new()),
+        };
         Talker {
             child,
             stdin,
             stdout,
+            stderr,
         }
     }
 
@@ -113,17 +180,37 @@ impl Talker {
         self.child.id()
     }
 
-    /// Reads lines until one is a JSON object whose `event` is `event`.
+    /// Reads lines until one is a JSON object whose `event` is `event`, for at most
+    /// [`EVENT_TIMEOUT`].
     pub fn expect_event(&mut self, event: &str) -> Value {
-        let mut line = String::new();
+        self.expect_event_within(event, EVENT_TIMEOUT)
+    }
+
+    /// Reads lines until one is a JSON object whose `event` is `event`; fails with the
+    /// child's stderr when it exits or `timeout` passes first.
+    pub fn expect_event_within(&mut self, event: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
         loop {
-            line.clear();
-            let n = self.stdout.read_line(&mut line).expect("read child stdout");
-            assert!(n > 0, "child exited before sending {event:?}");
-            if let Ok(value) = serde_json::from_str::<Value>(&line)
-                && value["event"] == event
-            {
-                return value;
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stdout.recv_timeout(left) {
+                Ok(line) => {
+                    if let Ok(value) = serde_json::from_str::<Value>(&line)
+                        && value["event"] == event
+                    {
+                        return value;
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = self.child.wait().ok();
+                    panic!(
+                        "child exited ({status:?}) before sending {event:?}; stderr:\n{}",
+                        self.stderr.tail()
+                    )
+                }
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "child sent no {event:?} within {timeout:?}; stderr:\n{}",
+                    self.stderr.tail()
+                ),
             }
         }
     }
@@ -135,10 +222,21 @@ impl Talker {
         stdin.flush().expect("flush child stdin");
     }
 
-    /// Closes stdin (the workloads' signal to finish) and waits.
-    pub fn finish(mut self) -> std::process::ExitStatus {
+    /// Closes stdin (the workloads' signal to finish) and waits for the exit.
+    pub fn finish(mut self) -> ExitStatus {
         drop(self.stdin.take());
-        self.child.wait().expect("wait child")
+        self.wait()
+    }
+
+    /// Waits for the child to exit, for at most [`EVENT_TIMEOUT`].
+    pub fn wait(&mut self) -> ExitStatus {
+        match wait_with_timeout(&mut self.child, EVENT_TIMEOUT) {
+            Some(status) => status,
+            None => panic!(
+                "child did not exit within {EVENT_TIMEOUT:?}; stderr:\n{}",
+                self.stderr.tail()
+            ),
+        }
     }
 }
 
@@ -149,16 +247,68 @@ impl Drop for Talker {
     }
 }
 
+/// Waits for `child` for at most `timeout`; kills it and returns `None` if it is still
+/// running then.
+pub fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("poll child") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `cmd` to completion with its output captured, for at most [`EVENT_TIMEOUT`]; a child
+/// still running then is killed and the test fails with its stderr.
+pub fn output_of(cmd: &mut Command) -> std::process::Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    let stdout = forward_lines(child.stdout.take().expect("stdout"));
+    let stderr = forward_lines(child.stderr.take().expect("stderr"));
+    let status = wait_with_timeout(&mut child, EVENT_TIMEOUT);
+    let join = |rx: Receiver<String>| {
+        let mut text = rx.iter().collect::<Vec<_>>().join("\n");
+        text.push('\n');
+        text.into_bytes()
+    };
+    let stderr = join(stderr);
+    let Some(status) = status else {
+        panic!(
+            "{cmd:?} did not finish within {EVENT_TIMEOUT:?}; stderr:\n{}",
+            String::from_utf8_lossy(&stderr)
+        );
+    };
+    std::process::Output {
+        status,
+        stdout: join(stdout),
+        stderr,
+    }
+}
+
 /// `infermem inspect` running in the background, with `INFERMEM_LOG=info` so that the test
 /// can wait until the probes are attached before making the workload act.
 pub struct Inspection {
     child: Child,
-    stderr_lines: std::sync::mpsc::Receiver<String>,
+    stdout: Receiver<String>,
+    stderr_lines: Receiver<String>,
     stderr_seen: Vec<String>,
+    /// The sampling duration plus a margin: how long [`Inspection::finish`] waits.
+    deadline: Instant,
 }
 
 impl Inspection {
-    /// Starts `infermem inspect <pid> --json --duration <duration>`.
+    /// Starts `infermem inspect <pid> --json --duration <duration>` (`duration` in seconds,
+    /// like `8s`).
     pub fn start(pid: u32, duration: &str, extra: &[&str]) -> Inspection {
         let mut child = Command::new(infermem_bin())
             .args([
@@ -174,25 +324,19 @@ impl Inspection {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn infermem");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let seconds: u64 = duration.trim_end_matches('s').parse().unwrap_or(10);
         Inspection {
+            stdout: forward_lines(child.stdout.take().expect("stdout")),
+            stderr_lines: forward_lines(child.stderr.take().expect("stderr")),
             child,
-            stderr_lines: rx,
             stderr_seen: Vec::new(),
+            deadline: Instant::now() + Duration::from_secs(seconds) + EVENT_TIMEOUT,
         }
     }
 
     /// Waits until infermem logs that sampling started (probes attached and seeded).
     pub fn wait_until_sampling(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + EVENT_TIMEOUT;
         while Instant::now() < deadline {
             match self.stderr_lines.recv_timeout(Duration::from_millis(100)) {
                 Ok(line) => {
@@ -202,8 +346,8 @@ impl Inspection {
                         return;
                     }
                 }
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
             }
         }
         panic!(
@@ -212,16 +356,23 @@ impl Inspection {
         );
     }
 
-    /// Waits for infermem to finish; returns its exit success and its JSON output.
+    /// Waits for infermem to finish (killing it past its deadline); returns its exit success
+    /// and its JSON output.
     pub fn finish(mut self) -> (bool, Value) {
-        let mut stdout = String::new();
-        std::io::Read::read_to_string(self.child.stdout.as_mut().expect("stdout"), &mut stdout)
-            .expect("read infermem stdout");
-        let status = self.child.wait().expect("wait infermem");
-        let rest: Vec<String> = self.stderr_lines.try_iter().collect();
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        let status = wait_with_timeout(&mut self.child, left);
+        self.stderr_seen.extend(self.stderr_lines.try_iter());
+        let Some(status) = status else {
+            panic!(
+                "infermem did not finish in time; stderr: {:?}",
+                self.stderr_seen
+            );
+        };
+        let stdout: Vec<String> = self.stdout.iter().collect();
+        let stdout = stdout.join("\n");
         let json = serde_json::from_str(&stdout).unwrap_or_else(|e| {
             panic!(
-                "infermem printed no JSON ({e}): {stdout}\nstderr: {:?} {rest:?}",
+                "infermem printed no JSON ({e}): {stdout}\nstderr: {:?}",
                 self.stderr_seen
             )
         });

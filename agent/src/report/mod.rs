@@ -20,6 +20,9 @@ pub struct InspectReport {
     pub comm: String,
     /// Arguments as the process sees them (`/proc/<pid>/cmdline`).
     pub cmdline: Vec<String>,
+    /// Programs the process exec'd into while sampled (their comm), oldest first; comm,
+    /// cmdline, mappings and model are those of the last.
+    pub execs: Vec<String>,
     /// The memory cgroup; null when the host has no memory controller.
     pub cgroup: Option<CgroupReport>,
     pub memory: MemoryReport,

@@ -21,6 +21,13 @@ pub fn render(report: &InspectReport) -> String {
             .collect::<Vec<_>>()
             .join(" ")
     );
+    if !report.execs.is_empty() {
+        let _ = writeln!(
+            w,
+            "exec     exec'd while sampled into: {} (the report is of the last program)",
+            escape(&report.execs.join(" -> "))
+        );
+    }
 
     let m = &report.memory;
     let _ = writeln!(
