@@ -203,6 +203,7 @@ fn main() -> ExitCode {
                 ram_bytes,
                 vram_bytes,
                 strategy,
+                cpu_backend: infermem::model::cpu_backend::release_build_on_host(),
             };
             match plan_model(&request) {
                 Ok(mut report) => {

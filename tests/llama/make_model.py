@@ -5,6 +5,8 @@ Used by infermem's end-to-end tests to check its predictions against a real llam
 Deterministic (fixed seed). Shapes:
   gqa: 16 layers, n_embd 512, 8 heads, 2 KV heads (grouped-query attention)
   mha: 8 layers, n_embd 512, 8 heads, 8 KV heads (multi-head attention)
+  narrow: 6 layers, n_embd 256, 4 heads, 4 KV heads, a 768-wide feed-forward
+Weights are f32, f16, q8_0 or q4_0 (q4_0 is what llama.cpp's CPU backend repacks on AVX2).
 """
 import argparse
 
@@ -14,6 +16,7 @@ import numpy as np
 SHAPES = {
     "gqa": dict(layers=16, embd=512, heads=8, kv_heads=2, ff=512),
     "mha": dict(layers=8, embd=512, heads=8, kv_heads=8, ff=512),
+    "narrow": dict(layers=6, embd=256, heads=4, kv_heads=4, ff=768),
 }
 
 
@@ -40,7 +43,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="gqa")
-    parser.add_argument("--weight-type", choices=["f32", "f16", "q8_0"], default="f16")
+    parser.add_argument("--weight-type", choices=["f32", "f16", "q8_0", "q4_0"], default="f16")
     parser.add_argument("--ctx-train", type=int, default=8192)
     args = parser.parse_args()
     s = SHAPES[args.shape]
@@ -62,6 +65,7 @@ def main():
         "f32": gguf.LlamaFileType.ALL_F32,
         "f16": gguf.LlamaFileType.MOSTLY_F16,
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
     }[args.weight_type]
     w.add_file_type(file_type)
     tokens, scores, types = vocabulary()
@@ -82,8 +86,11 @@ def main():
         elif args.weight_type == "f16":
             w.add_tensor(name, data.astype(np.float16))
         else:
-            quantized = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(name, quantized, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            qtype = {
+                "q8_0": gguf.GGMLQuantizationType.Q8_0,
+                "q4_0": gguf.GGMLQuantizationType.Q4_0,
+            }[args.weight_type]
+            w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
 
     tensor("token_embd.weight", n_vocab, s["embd"])
     for i in range(s["layers"]):

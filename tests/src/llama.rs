@@ -3,7 +3,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
 };
 
 use crate::Talker;
@@ -28,15 +28,16 @@ fn script(name: &str) -> PathBuf {
 
 /// Writes a test model with the `gguf` package (see tests/llama/make_model.py for shapes).
 pub fn make_model(out: &Path, shape: &str, weight_type: &str) {
-    let status = Command::new(python())
-        .arg(script("make_model.py"))
-        .arg(out)
-        .args(["--shape", shape, "--weight-type", weight_type])
-        .status()
-        .expect("run make_model.py");
+    let output = crate::output_of(
+        Command::new(python())
+            .arg(script("make_model.py"))
+            .arg(out)
+            .args(["--shape", shape, "--weight-type", weight_type]),
+    );
     assert!(
-        status.success(),
-        "make_model.py {shape} {weight_type} failed"
+        output.status.success(),
+        "make_model.py {shape} {weight_type} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
     );
 }
 
@@ -49,27 +50,33 @@ pub struct KvSettings {
     pub flash_attn: bool,
 }
 
-/// llama.cpp (through run_llama.py) waiting to load `model`; its log goes to `log`.
+/// llama.cpp (through run_llama.py) waiting to load `model` until it is sent a line; its
+/// log goes to `log`.
 pub fn start(model: &Path, kv: KvSettings, log: &Path) -> Talker {
+    let mut cmd = command(model, kv);
+    cmd.arg("--wait-before-load");
+    Talker::spawn_logging(cmd, log)
+}
+
+/// llama.cpp (through run_llama.py) loading `model` at once; its log goes to `log`.
+pub fn start_loaded(model: &Path, kv: KvSettings, log: &Path) -> Talker {
+    Talker::spawn_logging(command(model, kv), log)
+}
+
+fn command(model: &Path, kv: KvSettings) -> Command {
     let mut cmd = Command::new(python());
-    cmd.arg(script("run_llama.py"))
-        .arg(model)
-        .args([
-            "--n-ctx",
-            &kv.n_ctx.to_string(),
-            "--type-k",
-            kv.type_k,
-            "--type-v",
-            kv.type_v,
-        ])
-        .arg("--wait-before-load")
-        .stderr(Stdio::from(
-            std::fs::File::create(log).expect("create llama log"),
-        ));
+    cmd.arg(script("run_llama.py")).arg(model).args([
+        "--n-ctx",
+        &kv.n_ctx.to_string(),
+        "--type-k",
+        kv.type_k,
+        "--type-v",
+        kv.type_v,
+    ]);
     if kv.flash_attn {
         cmd.arg("--flash-attn");
     }
-    Talker::spawn(cmd)
+    cmd
 }
 
 /// What llama.cpp logged about its memory.
@@ -80,6 +87,8 @@ pub struct LlamaLog {
     pub kv_cells: u64,
     /// Sum of every `<buffer> model buffer size = X MiB`.
     pub model_buffers_mib: f64,
+    /// Sum of the CPU backend's extra buffers (`CPU_REPACK`, `AMX`): the repacked weights.
+    pub repacked_mib: Option<f64>,
     /// `CPU compute buffer size = X MiB`.
     pub compute_mib: Option<f64>,
 }
@@ -110,6 +119,14 @@ pub fn parse_log(log: &str) -> LlamaLog {
         .filter(|l| l.contains("model buffer size"))
         .filter_map(|l| mib_after(l, "model buffer size"))
         .sum();
+    let repacked: Vec<f64> = log
+        .lines()
+        .filter(|l| {
+            l.contains("CPU_REPACK model buffer size") || l.contains("AMX model buffer size")
+        })
+        .filter_map(|l| mib_after(l, "model buffer size"))
+        .collect();
+    let repacked_mib = (!repacked.is_empty()).then(|| repacked.iter().sum());
     let compute_mib = log
         .lines()
         .find(|l| l.contains("CPU compute buffer size ="))
@@ -118,6 +135,7 @@ pub fn parse_log(log: &str) -> LlamaLog {
         kv_mib,
         kv_cells,
         model_buffers_mib,
+        repacked_mib,
         compute_mib,
     }
 }
@@ -129,12 +147,14 @@ mod tests {
     #[test]
     fn parses_llama_cpp_log_lines() {
         let log = "load_tensors:   CPU_Mapped model buffer size =    44.58 MiB\n\
+                   load_tensors:   CPU_REPACK model buffer size =     2.25 MiB\n\
                    llama_kv_cache: size =   10.00 MiB (  1280 cells,  16 layers,  1/1 seqs), K (f16):    5.00 MiB, V (f16):    5.00 MiB\n\
                    sched_reserve:        CPU compute buffer size =     9.04 MiB\n";
         let parsed = parse_log(log);
         assert_eq!(parsed.kv_mib, 10.0);
         assert_eq!(parsed.kv_cells, 1280);
-        assert_eq!(parsed.model_buffers_mib, 44.58);
+        assert_eq!(parsed.model_buffers_mib, 44.58 + 2.25);
+        assert_eq!(parsed.repacked_mib, Some(2.25));
         assert_eq!(parsed.compute_mib, Some(9.04));
     }
 }

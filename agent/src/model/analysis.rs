@@ -2,12 +2,16 @@
 //! how it is configured, and what its model will cost in memory, with the n_ctx in effect
 //! read from its configuration or inferred from the KV cache allocation the kernel saw.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize};
 
 use super::{
     config::{self, RuntimeConfig, Setting, SettingSource, llama_defaults},
+    cpu_backend::{self, CpuBackend, CpuFeatures},
     discovery::{self, FoundBy, ModelFile, ModelFormat, Recognised},
     ggml::GgmlType,
     memory::{self, ContextShape, Footprint, KvModel, Placement},
@@ -63,10 +67,11 @@ impl AnonBlock {
     fn tolerance(&self) -> (u64, u64) {
         match self.source {
             // (below, above) the request.
-            // posix_memalign's chunk: a page of rounding, 64 bytes of alignment, a header.
-            BlockSource::ProbeMmap | BlockSource::ProbeMremap => (0, 8 << 10),
-            // Areas can be merged with a neighbouring allocation.
-            BlockSource::ProcMaps => (0, 64 << 10),
+            // posix_memalign's chunk: a page of rounding, 64 bytes of alignment, a header. An
+            // area of /proc is believed only as such a chunk (merged areas are not).
+            BlockSource::ProbeMmap | BlockSource::ProbeMremap | BlockSource::ProcMaps => {
+                (0, 8 << 10)
+            }
             BlockSource::ProbeBrk => (1 << 20, 1 << 20),
         }
     }
@@ -126,8 +131,14 @@ pub struct Prediction {
     pub peak_vram_bytes: Option<u64>,
     /// The anonymous allocation identified as the KV cache, when one was.
     pub kv_allocation: Option<AnonBlock>,
+    /// The ggml CPU backend the process runs, which decides the repacked weights; null for
+    /// other runtimes and model formats.
+    pub cpu_backend: Option<CpuBackend>,
     pub footprint: Option<Footprint>,
 }
+
+/// Why n_ctx (and the KV cache, peak RAM and VRAM that follow from it) is null.
+const NCTX_UNKNOWN: &str = "n_ctx unknown: it is not configured where infermem can read it, the KV cache was not seen being allocated (infermem started after the model loaded), and no area of /proc/<pid>/maps is unambiguously the cache; start infermem before the model loads to know n_ctx and the KV cache exactly";
 
 /// How long to wait for Ollama's API.
 const OLLAMA_TIMEOUT: Duration = Duration::from_millis(500);
@@ -191,7 +202,21 @@ pub fn analyze(facts: &ProcessFacts) -> Option<ModelReport> {
         .into_iter()
         .map(|f| file_report(f, facts, &process_files))
         .collect();
-    let prediction = predict(llama_program, &files, &mut config, facts, &mut notes);
+    let cpu_backend = runs_on_ggml(detection.runtime, &files)
+        .then(|| {
+            let mapped: Vec<&Path> = facts
+                .mapped_files
+                .iter()
+                .map(|(p, _)| p.as_path())
+                .collect();
+            cpu_backend::detect(&PathBuf::from(format!("/proc/{}/root", facts.pid)), &mapped)
+        })
+        .flatten();
+    let cpu = cpu_backend.as_ref().map(|b| b.features);
+    let mut prediction = predict(llama_program, &files, &mut config, facts, cpu, &mut notes);
+    if let Some(p) = prediction.as_mut() {
+        p.cpu_backend = cpu_backend;
+    }
     Some(ModelReport {
         runtime: detection.runtime,
         runtime_label: detection.runtime.label().to_owned(),
@@ -246,6 +271,16 @@ const INFERENCE_TYPES: &[(&str, &str)] = &[
 
 /// Whether the process is one of llama.cpp's programs (llama-server, llama-cli…) or Ollama's
 /// runner, which take llama.cpp's flags, rather than a program embedding libllama.
+/// Whether the main model is a GGUF file run by ggml (llama.cpp, Ollama and the like, not
+/// vLLM), so that ggml's CPU backend decides where its CPU weights live.
+fn runs_on_ggml(runtime: Runtime, files: &[ModelFileReport]) -> bool {
+    runtime != Runtime::Vllm
+        && files
+            .iter()
+            .find(|f| f.profile.is_some())
+            .is_some_and(|f| f.file.format == ModelFormat::Gguf)
+}
+
 fn is_llama_program(evidence: &[Evidence]) -> bool {
     evidence.iter().any(|e| {
         e.source == EvidenceSource::Exe
@@ -258,6 +293,7 @@ fn predict(
     files: &[ModelFileReport],
     config: &mut RuntimeConfig,
     facts: &ProcessFacts,
+    cpu: Option<CpuFeatures>,
     notes: &mut Vec<String>,
 ) -> Option<Prediction> {
     // The main model: the largest profiled file (its other shards are summed in).
@@ -372,7 +408,7 @@ fn predict(
             detail: "llama.cpp's default -c 0: the trained context".to_owned(),
         }),
         (None, None) => {
-            notes.push("n_ctx is neither configured nor recognisable from the allocations seen; start inspect before the model loads to see its KV cache allocated".to_owned());
+            notes.push(NCTX_UNKNOWN.to_owned());
             None
         }
     };
@@ -402,6 +438,7 @@ fn predict(
         peak_ram_bytes: None,
         peak_vram_bytes: None,
         kv_allocation,
+        cpu_backend: None,
         footprint: None,
     };
     let (Some(tk), Some(tv)) = (GgmlType::from_name(&type_k), GgmlType::from_name(&type_v)) else {
@@ -443,6 +480,7 @@ fn predict(
             type_k: tk,
             type_v: tv,
             flash_attn,
+            cpu,
         };
         let mut f = memory::footprint(profile, &kv, &placement);
         // Shards beyond the main file add weights on the CPU side of the estimate.
@@ -477,13 +515,21 @@ pub struct InferredCtx {
 }
 
 /// Finds the KV cache among `blocks`: llama.cpp allocates the cache of its full-attention
-/// layers as one buffer of `cells × bytes per cell`, cells a multiple of 256 (× sequences).
-/// Every block is tried with every cache type pair in `types`; blocks the probes saw win over
-/// /proc areas, then the earlier (likelier) type pair, then the closest fit. A block whose
-/// size fits is then asked `populated` (bytes written, from pagemap) and passed over when
-/// less than half written: llama.cpp clears the cache as it allocates it, which tells it from
-/// same-sized blocks that are not (8 MiB + guard page thread stacks); a cache swapped out
-/// since is missed.
+/// layers as one buffer of `cells × bytes per cell`, cells a multiple of 256 (× sequences),
+/// and clears it whole as it allocates it.
+///
+/// Blocks the probes saw allocated are believed first: every cache type pair in `types` is
+/// tried, the earlier (likelier) pair then the closest fit wins, and a block less than half
+/// written (pagemap, through `populated`) is passed over: that tells the cache from
+/// same-sized blocks such as 8 MiB + guard page thread stacks.
+///
+/// Areas of `/proc/<pid>/maps` (infermem started after the load) are only believed when the
+/// evidence is unambiguous, because the kernel merges neighbouring areas and unrelated
+/// buffers can have a fitting size: only the first type pair is tried (a cache type cannot
+/// be told from a size alone: the caller passes the configured pair first, else llama.cpp's
+/// default f16), the area must be a malloc'd mapping of the cache (at most 8 KiB of header
+/// and alignment above it), written whole (≥ 99 %, pagemap readable), and the only one that
+/// fits. Otherwise nothing is inferred: a wrong figure stated as fact is worse than none.
 pub fn infer_ctx(
     profile: &ModelProfile,
     blocks: &[AnonBlock],
@@ -492,11 +538,42 @@ pub fn infer_ctx(
     flash_attn: bool,
     populated: &dyn Fn(&AnonBlock) -> Option<u64>,
 ) -> Option<InferredCtx> {
+    let (listed, seen): (Vec<AnonBlock>, Vec<AnonBlock>) = blocks
+        .iter()
+        .partition(|b| b.source == BlockSource::ProcMaps);
+    let fit = |blocks: &[AnonBlock], types: &[(String, String)]| {
+        fitting_blocks(profile, blocks, types, n_seq, flash_attn)
+    };
+    if let Some(found) = fit(&seen, types)
+        .into_iter()
+        .find_map(|c| written(c, populated, 0.5, true))
+    {
+        return Some(found);
+    }
+    let after_the_fact: Vec<InferredCtx> = fit(&listed, &types[..types.len().min(1)])
+        .into_iter()
+        .filter_map(|c| written(c, populated, 0.99, false))
+        .collect();
+    match <[InferredCtx; 1]>::try_from(after_the_fact) {
+        Ok([only]) => Some(only),
+        Err(_) => None,
+    }
+}
+
+/// Every (block, type pair) whose size fits a KV cache, the likeliest first: earlier type
+/// pairs, then closer fits.
+fn fitting_blocks(
+    profile: &ModelProfile,
+    blocks: &[AnonBlock],
+    types: &[(String, String)],
+    n_seq: u64,
+    flash_attn: bool,
+) -> Vec<InferredCtx> {
     // No context beyond 16 × the trained one (or 16M tokens) is believable.
     let max_cells = profile
         .n_ctx_train
         .map_or(1 << 24, |t| t.saturating_mul(16).max(1 << 16));
-    let mut best: Option<((bool, usize, u64), InferredCtx)> = None;
+    let mut found: Vec<((usize, u64), InferredCtx)> = Vec::new();
     for (rank, (k, v)) in types.iter().enumerate() {
         let (Some(tk), Some(tv)) = (GgmlType::from_name(k), GgmlType::from_name(v)) else {
             continue;
@@ -508,51 +585,66 @@ pub fn infer_ctx(
         if per_cell == 0 {
             continue;
         }
-        let step = per_cell * memory::KV_PAD;
         for block in blocks {
-            let (below, above) = block.tolerance();
-            // Tolerances narrower than half a step keep the match unique.
-            let (below, above) = (below.min(step / 2 - 1), above.min(step / 2 - 1));
-            let cells = (block.bytes + below) / step * memory::KV_PAD;
-            let expected = cells * per_cell;
-            let fits = cells > 0
-                && cells <= max_cells
-                && cells.is_multiple_of(memory::KV_PAD * n_seq.max(1))
-                && block.bytes + below >= expected
-                && block.bytes <= expected + above
-                // A malloc'd mapping always carries its header: never exactly the request.
-                && (block.bytes != expected || matches!(block.source, BlockSource::ProbeBrk | BlockSource::ProcMaps));
-            if !fits {
+            let Some(cells) = cells_fitting(block, per_cell, max_cells, n_seq) else {
                 continue;
-            }
-            let key = (
-                block.source == BlockSource::ProcMaps,
-                rank,
-                block.bytes.abs_diff(expected),
-            );
-            if best.as_ref().is_some_and(|(best_key, _)| *best_key <= key) {
-                continue;
-            }
-            let resident_bytes = populated(block);
-            if resident_bytes.is_some_and(|r| r < block.bytes / 2) {
-                continue;
-            }
-            best = Some((
+            };
+            let key = (rank, block.bytes.abs_diff(cells * per_cell));
+            found.push((
                 key,
                 InferredCtx {
                     n_ctx: cells,
                     type_k: k.clone(),
                     type_v: v.clone(),
                     per_cell,
-                    block: AnonBlock {
-                        resident_bytes,
-                        ..*block
-                    },
+                    block: *block,
                 },
             ));
         }
     }
-    best.map(|(_, found)| found)
+    found.sort_by_key(|(key, _)| *key);
+    found.into_iter().map(|(_, c)| c).collect()
+}
+
+/// The cells of a cache of `per_cell` bytes per cell that `block` holds, if its size fits one
+/// within the block's tolerance.
+fn cells_fitting(block: &AnonBlock, per_cell: u64, max_cells: u64, n_seq: u64) -> Option<u64> {
+    let step = per_cell * memory::KV_PAD;
+    let (below, above) = block.tolerance();
+    // Tolerances narrower than half a step keep the match unique.
+    let (below, above) = (below.min(step / 2 - 1), above.min(step / 2 - 1));
+    let cells = (block.bytes + below) / step * memory::KV_PAD;
+    let expected = cells * per_cell;
+    let fits = cells > 0
+        && cells <= max_cells
+        && cells.is_multiple_of(memory::KV_PAD * n_seq.max(1))
+        && block.bytes + below >= expected
+        && block.bytes <= expected + above
+        // A malloc'd mapping always carries its header: never exactly the request.
+        && (block.bytes != expected || block.source == BlockSource::ProbeBrk);
+    fits.then_some(cells)
+}
+
+/// `found` with its block's written bytes, if at least `min_share` of it was written (or
+/// residency is unknown and `unknown_ok`).
+fn written(
+    found: InferredCtx,
+    populated: &dyn Fn(&AnonBlock) -> Option<u64>,
+    min_share: f64,
+    unknown_ok: bool,
+) -> Option<InferredCtx> {
+    let resident_bytes = populated(&found.block);
+    let ok = match resident_bytes {
+        Some(r) => r as f64 >= found.block.bytes as f64 * min_share,
+        None => unknown_ok,
+    };
+    ok.then_some(InferredCtx {
+        block: AnonBlock {
+            resident_bytes,
+            ..found.block
+        },
+        ..found
+    })
 }
 
 #[cfg(test)]

@@ -15,7 +15,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{ggml::GgmlType, profile::ModelProfile};
+use super::{
+    cpu_backend::{self, CpuFeatures},
+    ggml::GgmlType,
+    profile::{self, ModelProfile},
+};
 
 /// llama.cpp pads the context to a multiple of this many cells.
 pub const KV_PAD: u64 = 256;
@@ -334,6 +338,9 @@ pub struct Placement {
     pub type_k: GgmlType,
     pub type_v: GgmlType,
     pub flash_attn: bool,
+    /// The instruction sets of the ggml CPU backend that runs it; `None` for runtimes other
+    /// than ggml's, or where its extra weight buffers are not modelled.
+    pub cpu: Option<CpuFeatures>,
 }
 
 /// Predicted memory of a model under a [`Placement`], in bytes.
@@ -345,6 +352,9 @@ pub struct Footprint {
     pub gpu_layers: u32,
     pub weights_gpu_bytes: u64,
     pub weights_cpu_bytes: u64,
+    /// Anonymous copies of CPU weights in the CPU backend's extra buffers (AMX, CPU_REPACK),
+    /// held besides the mapped file; see [`cpu_backend`].
+    pub weights_cpu_repacked_bytes: u64,
     pub kv_gpu_bytes: u64,
     pub kv_cpu_bytes: u64,
     /// Estimated compute buffers (on the GPU when any layer is there, plus a CPU one).
@@ -359,6 +369,11 @@ pub struct Footprint {
 pub fn footprint(profile: &ModelProfile, kv: &KvModel, placement: &Placement) -> Footprint {
     let cells = kv_cells(placement.shape, profile.n_ctx_train, kv.sliding_window);
     let weights = weight_split(profile, placement.n_gpu_layers);
+    let repacked = placement.cpu.map_or(0, |cpu| {
+        let output_on_gpu =
+            placement.n_gpu_layers < 0 || placement.n_gpu_layers > profile.layer_bytes.len() as i64;
+        repacked_bytes(profile, cpu, weights.gpu_layers, output_on_gpu)
+    });
     let (kv_gpu, kv_cpu) = kv.split(cells, weights.gpu_layers);
     let ubatch = placement.shape.n_ubatch.max(1);
     let compute = compute_bytes(profile, cells.full, ubatch, placement.flash_attn);
@@ -381,12 +396,14 @@ pub fn footprint(profile: &ModelProfile, kv: &KvModel, placement: &Placement) ->
         gpu_layers: weights.gpu_layers,
         weights_gpu_bytes: weights.gpu_bytes,
         weights_cpu_bytes: weights.cpu_bytes,
+        weights_cpu_repacked_bytes: repacked,
         kv_gpu_bytes: kv_gpu,
         kv_cpu_bytes: kv_cpu,
         compute_gpu_bytes: compute_gpu,
         compute_cpu_bytes: compute_cpu,
         ram_bytes: weights
             .cpu_bytes
+            .saturating_add(repacked)
             .saturating_add(kv_cpu)
             .saturating_add(compute_cpu),
         vram_bytes: weights
@@ -394,6 +411,41 @@ pub fn footprint(profile: &ModelProfile, kv: &KvModel, placement: &Placement) ->
             .saturating_add(kv_gpu)
             .saturating_add(compute_gpu),
     }
+}
+
+/// Bytes of the weights on the CPU that the backend with `cpu` features copies into its extra
+/// buffers. Layers from `n_layer - gpu_layers` on, and the output head when `output_on_gpu`,
+/// are on the GPU. A model without an output head reuses its token embeddings as one
+/// (llama.cpp duplicates the tensor), so those may be copied too.
+pub fn repacked_bytes(
+    profile: &ModelProfile,
+    cpu: CpuFeatures,
+    gpu_layers: u32,
+    output_on_gpu: bool,
+) -> u64 {
+    let first_gpu_layer = profile
+        .layer_bytes
+        .len()
+        .saturating_sub(gpu_layers as usize);
+    let tied_output = !profile.tensors.iter().any(|t| t.name == "output.weight");
+    let on_cpu = |name: &str| match profile::layer_of(name) {
+        Some(layer) => layer < first_gpu_layer,
+        None => !output_on_gpu,
+    };
+    profile
+        .tensors
+        .iter()
+        .filter(|t| on_cpu(&t.name))
+        .filter_map(|t| {
+            let usage = if tied_output && t.name == "token_embd.weight" {
+                cpu_backend::WeightUse::MulMat
+            } else {
+                cpu_backend::weight_use(&t.name, t.shape.len())
+            };
+            let dtype = GgmlType::from_name(&t.dtype)?;
+            cpu_backend::extra_buffer(cpu, dtype, &t.shape, usage).map(|(_, bytes)| bytes)
+        })
+        .fold(0u64, u64::saturating_add)
 }
 
 /// The largest context (a multiple of 256, at most `limit`) whose footprint under `placement`

@@ -8,12 +8,15 @@
 //! - [`profile`]: the model as a file describes it;
 //! - [`config`], [`ollama`]: the runtime's configuration (cmdline, env, Ollama's API);
 //! - [`redact`]: secrets in command lines and environments, redacted before output;
+//! - [`cpu_backend`]: the instruction sets of a process's ggml CPU backend and the weights it
+//!   copies into extra buffers (AMX, CPU_REPACK);
 //! - [`memory`]: KV cache, weights split, compute buffers, footprints;
 //! - [`analysis`]: the `model` section of `inspect`;
 //! - [`plan`]: placement advice for `infermem plan`.
 
 pub mod analysis;
 pub mod config;
+pub mod cpu_backend;
 pub mod discovery;
 pub mod ggml;
 pub mod gguf;

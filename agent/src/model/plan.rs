@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::{
+    cpu_backend::CpuBackend,
     discovery::{self, ModelFormat},
     ggml::GgmlType,
     memory::{self, ContextShape, Footprint, KvModel, Placement},
@@ -39,6 +40,9 @@ pub struct PlanRequest {
     pub ram_bytes: u64,
     pub vram_bytes: u64,
     pub strategy: Strategy,
+    /// The CPU backend assumed to run a GGUF model (see [`crate::model::cpu_backend`]); `None`:
+    /// no extra weight buffers are predicted.
+    pub cpu_backend: Option<CpuBackend>,
 }
 
 /// The plan.
@@ -53,6 +57,8 @@ pub struct PlanReport {
     pub cache_type: String,
     pub flash_attn: bool,
     pub parallel: u64,
+    /// The CPU backend assumed, which decides the repacked weights; null when not modelled.
+    pub cpu_backend: Option<CpuBackend>,
     pub kv_bytes_per_token: u64,
     /// The context asked for (the trained context when none was).
     pub requested_ctx: u64,
@@ -128,6 +134,13 @@ pub fn plan_profile(
     {
         notes.push(format!("the requested context {requested_ctx} is beyond the {train} tokens the model was trained for"));
     }
+    let cpu_backend = request
+        .cpu_backend
+        .clone()
+        .filter(|_| format == ModelFormat::Gguf);
+    if let Some(backend) = &cpu_backend {
+        notes.push(format!("assumed: {}", backend.detail));
+    }
     let shape = ContextShape {
         n_ctx: requested_ctx,
         n_seq: request.parallel.max(1),
@@ -140,6 +153,7 @@ pub fn plan_profile(
         type_k: request.cache_type,
         type_v: request.cache_type,
         flash_attn: request.flash_attn,
+        cpu: cpu_backend.as_ref().map(|b| b.features),
     };
     let (ram, vram) = match request.strategy {
         Strategy::Balanced => (
@@ -211,6 +225,7 @@ pub fn plan_profile(
         cache_type: request.cache_type.name().to_ascii_lowercase(),
         flash_attn: request.flash_attn,
         parallel: shape.n_seq,
+        cpu_backend,
         requested_ctx,
         fits: fits_now,
         n_gpu_layers: ngl,

@@ -245,7 +245,7 @@ fn swa_layers(g: &Gguf, key: &str, window: Option<u32>, layers: usize) -> Vec<u3
 }
 
 /// `blk.12.attn_q.weight` → 12.
-fn layer_of(name: &str) -> Option<usize> {
+pub fn layer_of(name: &str) -> Option<usize> {
     name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
 }
 

@@ -74,10 +74,20 @@ pub fn render_model(w: &mut String, m: &ModelReport) {
         );
         let _ = writeln!(
             w,
-            "         peak RAM {}, peak VRAM {}",
+            "         peak RAM {}, peak VRAM {}{}",
             or_unknown(p.peak_ram_bytes),
-            or_unknown(p.peak_vram_bytes)
+            or_unknown(p.peak_vram_bytes),
+            p.footprint
+                .as_ref()
+                .filter(|f| f.weights_cpu_repacked_bytes > 0)
+                .map_or(String::new(), |f| format!(
+                    " (RAM includes {} of weights repacked by the CPU backend)",
+                    format_bytes(f.weights_cpu_repacked_bytes)
+                ))
         );
+        if let Some(backend) = &p.cpu_backend {
+            let _ = writeln!(w, "         CPU backend: {}", backend.detail);
+        }
     }
     for note in &m.notes {
         let _ = writeln!(w, "note     {}", escape(note));
@@ -130,9 +140,10 @@ pub fn render_plan(p: &PlanReport) -> String {
 fn footprint_lines(w: &mut String, f: &Footprint) {
     let _ = writeln!(
         w,
-        "RAM       {} = weights {} + KV {} + compute {}",
+        "RAM       {} = weights {} + repacked weights {} + KV {} + compute {}",
         format_bytes(f.ram_bytes),
         format_bytes(f.weights_cpu_bytes),
+        format_bytes(f.weights_cpu_repacked_bytes),
         format_bytes(f.kv_cpu_bytes),
         format_bytes(f.compute_cpu_bytes)
     );

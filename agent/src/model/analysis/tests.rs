@@ -186,3 +186,66 @@ fn llama_flags_are_read_only_from_llama_programs() {
     let n_ctx = report.config.n_ctx.unwrap();
     assert_eq!((n_ctx.value, n_ctx.source), (8192, SettingSource::Cmdline));
 }
+
+/// Written whole (pagemap: every page present).
+fn whole(b: &AnonBlock) -> Option<u64> {
+    Some(b.bytes)
+}
+
+#[test]
+fn after_the_fact_a_lone_written_f16_area_is_believed() {
+    let cache = block(1280 * 8192 + 4096, BlockSource::ProcMaps);
+    let found = infer_ctx(&gqa(), &[cache], &types(), 1, false, &whole).unwrap();
+    assert_eq!((found.n_ctx, found.type_k.as_str()), (1280, "f16"));
+    assert_eq!(found.block.resident_bytes, Some(cache.bytes));
+}
+
+#[test]
+fn after_the_fact_anything_ambiguous_infers_nothing() {
+    let cache = block(1280 * 8192 + 4096, BlockSource::ProcMaps);
+    let none = |blocks: &[AnonBlock], populated: &dyn Fn(&AnonBlock) -> Option<u64>| {
+        infer_ctx(&gqa(), blocks, &types(), 1, false, populated)
+    };
+    // Two areas that fit: which one is the cache?
+    let other = AnonBlock {
+        address: 0x7f10_0000_0000,
+        ..block(2048 * 8192 + 4096, BlockSource::ProcMaps)
+    };
+    assert_eq!(none(&[cache, other], &whole), None);
+    // Not written whole, or residency unknown.
+    assert_eq!(none(&[cache], &|b| Some(b.bytes / 2)), None);
+    assert_eq!(none(&[cache], &unknown), None);
+    // Merged with a 64 KiB neighbour: too far from any malloc'd chunk of a cache.
+    assert_eq!(
+        none(
+            &[block(1280 * 8192 + (64 << 10), BlockSource::ProcMaps)],
+            &whole
+        ),
+        None
+    );
+    // Exactly the size of a cache: no malloc'd chunk is (an 8 MiB thread stack is).
+    assert_eq!(
+        none(&[block(1024 * 8192, BlockSource::ProcMaps)], &whole),
+        None
+    );
+    // A size that fits only a q8_0 cache: the cache type cannot be told from a size alone.
+    assert_eq!(
+        none(&[block(1024 * 4352 + 4096, BlockSource::ProcMaps)], &whole),
+        None
+    );
+}
+
+#[test]
+fn after_the_fact_a_configured_cache_type_is_tried() {
+    let q8 = vec![("q8_0".to_owned(), "q8_0".to_owned())];
+    let found = infer_ctx(
+        &gqa(),
+        &[block(1024 * 4352 + 4096, BlockSource::ProcMaps)],
+        &q8,
+        1,
+        true,
+        &whole,
+    )
+    .unwrap();
+    assert_eq!((found.n_ctx, found.type_k.as_str()), (1024, "q8_0"));
+}

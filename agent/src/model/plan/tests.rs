@@ -33,6 +33,7 @@ fn request(strategy: Strategy, ram: u64, vram: u64) -> PlanRequest {
         ram_bytes: ram,
         vram_bytes: vram,
         strategy,
+        cpu_backend: None,
     }
 }
 
@@ -102,6 +103,7 @@ fn fit_vram_shrinks_the_context_and_max_context_finds_the_longest() {
             type_k: GgmlType::F16,
             type_v: GgmlType::F16,
             flash_attn: true,
+            cpu: None,
         },
     );
     assert!(more.ram_bytes > 1150 * MIB, "256 more tokens would not fit");
