@@ -9,7 +9,6 @@ use infermem::{
     model::{
         ggml::GgmlType,
         plan::{self, PlanRequest, Strategy},
-        profile,
     },
     probes::{DEFAULT_BTF_PATH, ProbeOptions},
     report, units,
@@ -205,7 +204,7 @@ fn main() -> ExitCode {
                 strategy,
                 cpu_backend: infermem::model::cpu_backend::release_build_on_host(),
             };
-            match plan_model(&request) {
+            match plan::plan(&request) {
                 Ok(mut report) => {
                     report.notes.splice(0..0, notes);
                     if json {
@@ -235,19 +234,6 @@ fn main() -> ExitCode {
             }
         }
     }
-}
-
-/// Plans for the model file opened once, safely (a FIFO, a device or a file swapped in after
-/// the check is never read), rather than by path again at each step.
-fn plan_model(request: &PlanRequest) -> Result<plan::PlanReport, plan::PlanError> {
-    let path = &request.model;
-    let (format, profile) = profile::profile_path(path)
-        .map_err(|message| plan::PlanError::Parse {
-            path: path.clone(),
-            message,
-        })?
-        .ok_or_else(|| plan::PlanError::Unrecognised(path.clone()))?;
-    plan::plan_profile(request, format, profile)
 }
 
 fn run_inspect(options: InspectOptions, json: bool) -> ExitCode {

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     cpu_backend::CpuBackend,
-    discovery::{self, ModelFormat},
+    discovery::ModelFormat,
     ggml::GgmlType,
     memory::{self, ContextShape, Footprint, KvModel, Placement},
     profile::{self, ModelProfile},
@@ -89,15 +89,11 @@ pub enum PlanError {
 /// Share of the budgets the balanced strategy leaves free.
 const BALANCED_HEADROOM: f64 = 0.10;
 
-/// Profiles the model file and plans its placement.
+/// Profiles the model file, opened once and safely (a FIFO, a device or a file swapped in
+/// after the check is never read), and plans its placement.
 pub fn plan(request: &PlanRequest) -> Result<PlanReport, PlanError> {
     let path = &request.model;
-    std::fs::File::open(path).map_err(|e| PlanError::Parse {
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
-    let format = discovery::sniff(path).ok_or_else(|| PlanError::Unrecognised(path.clone()))?;
-    let profile = profile::profile_file(path, format)
+    let (format, profile) = profile::profile_path(path)
         .map_err(|message| PlanError::Parse {
             path: path.clone(),
             message,

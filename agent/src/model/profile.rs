@@ -389,12 +389,6 @@ fn hf_layer_of(name: &str) -> Option<usize> {
     rest.split('.').next()?.parse().ok()
 }
 
-/// Reads and profiles the model file at `path` (opened safely), whose format is known.
-pub fn profile_file(path: &Path, format: ModelFormat) -> Result<Option<ModelProfile>, String> {
-    let file = open::open_regular(path).map_err(|e| e.to_string())?;
-    profile_opened(&file, format, &open::open_regular)
-}
-
 /// Opens the file at `path` once, recognises and profiles it: `None` when it is no model
 /// file infermem parses; an error when it cannot be opened, is no regular file or does not
 /// parse.
