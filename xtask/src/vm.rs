@@ -28,11 +28,6 @@ const TOOLS: &[(&str, &str)] = &[
     ("/bin/busybox", "busybox-static"),
     ("/usr/bin/cpio", "cpio"),
 ];
-/// The guest runs the release build: TCG makes userspace work about 10× slower, and the tests'
-/// time budgets (e.g. an inspect ending within its duration plus 5 s) hold for optimized code
-/// there (loading the probes, which parses the kernel's BTF, takes 0.6 s unoptimized on the
-/// host, 0.3 s optimized). The host run covers the debug build.
-const RELEASE: bool = true;
 /// Where the build's binaries lie in the guest (the tests find their siblings from there).
 const GUEST_PROFILE: &str = "/t/release";
 /// Host programs the tests run that busybox does not provide as the tests expect.
@@ -96,6 +91,11 @@ struct Suite {
 }
 
 /// Boots the kernel and runs the kernel-facing tests in it; fails if any fails.
+///
+/// The guest runs the release build (`--release` below): TCG makes userspace work about 10×
+/// slower, and the tests' time budgets (e.g. an inspect ending within its duration plus 5 s)
+/// hold for optimized code there (loading the probes, which parses the kernel's BTF, takes
+/// 0.6 s unoptimized on the host, 0.3 s optimized). The host run covers the debug build.
 pub fn test(options: &Options) -> Result<()> {
     let started = Instant::now();
     ensure_tools()?;
@@ -107,10 +107,7 @@ pub fn test(options: &Options) -> Result<()> {
     xtask::toolchain::ensure()?;
     cargo(&["build", "--release", "--bins"], &[])?;
     let suites = build_suites()?;
-    let work = profile_dir(RELEASE)
-        .parent()
-        .expect("target dir")
-        .join("vm");
+    let work = profile_dir(true).parent().expect("target dir").join("vm");
     let initramfs = build_initramfs(&work, &suites, options.cgroup)?;
     let run = boot(&work, &kernel, &initramfs, options)?;
     let outcome = run.report(&suites);
@@ -288,10 +285,7 @@ fn build_initramfs(work: &Path, suites: &[Suite], cgroup: Cgroup) -> Result<Path
     fs::create_dir_all(profile.join("deps"))?;
     let mut binaries = vec![PathBuf::from("/bin/busybox")];
     for name in ["infermem", "workload"] {
-        binaries.push(stage(
-            &profile_dir(RELEASE).join(name),
-            &profile.join(name),
-        )?);
+        binaries.push(stage(&profile_dir(true).join(name), &profile.join(name))?);
     }
     for suite in suites {
         let file = suite.executable.file_name().context("test binary name")?;
