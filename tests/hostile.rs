@@ -13,6 +13,7 @@ use std::{
     os::unix::{ffi::OsStrExt as _, fs::PermissionsExt as _},
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
@@ -40,7 +41,12 @@ struct Outcome {
 /// Runs infermem with `args`, killing it after `timeout`; the peak RSS is the child's own
 /// (wait4's rusage).
 fn run_infermem(args: &[&str], timeout: Duration) -> Outcome {
-    let dir = scratch_dir("hostile-run");
+    // One directory per run: the tests of this file run in parallel threads of one process.
+    static RUNS: AtomicU32 = AtomicU32::new(0);
+    let dir = scratch_dir(&format!(
+        "hostile-run-{}",
+        RUNS.fetch_add(1, Ordering::Relaxed)
+    ));
     let (out_path, err_path) = (dir.join("stdout"), dir.join("stderr"));
     let started = Instant::now();
     #[expect(
