@@ -41,6 +41,15 @@ pub fn cargo(args: &[&str], env: &[(&str, &OsStr)]) -> Result<()> {
     Ok(())
 }
 
+/// Runs `command`, failing with its name if it fails.
+pub fn run(command: &mut Command) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("running {command:?}"))?;
+    ensure!(status.success(), "{command:?} failed: {status}");
+    Ok(())
+}
+
 /// Whether we run as root (uid 0).
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")

@@ -16,6 +16,8 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 
+use crate::cargo::run;
+
 /// llama-cpp-python's version; its vendored llama.cpp is what the tests check against.
 pub const LLAMA_CPP_PYTHON: &str = "0.3.36";
 
@@ -112,12 +114,4 @@ fn cached_wheel() -> Result<PathBuf> {
         .env("FORCE_CMAKE", "1"))?;
     ensure!(wheel.exists(), "pip built no {name} in {}", cache.display());
     Ok(wheel)
-}
-
-fn run(command: &mut Command) -> Result<()> {
-    let status = command
-        .status()
-        .with_context(|| format!("running {command:?}"))?;
-    ensure!(status.success(), "{command:?} failed: {status}");
-    Ok(())
 }

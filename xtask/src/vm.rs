@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 
-use crate::cargo::{cargo, profile_dir, workspace_root};
+use crate::cargo::{cargo, profile_dir, run, workspace_root};
 
 /// Test targets of `infermem-tests` that need more than the guest has (Python).
 const HOST_ONLY_TESTS: &[&str] = &["llama"];
@@ -141,15 +141,6 @@ fn ensure_tools() -> Result<()> {
         run(Command::new("apt-get").args(["update", "-q"]))?;
         run(&mut install)?;
     }
-    Ok(())
-}
-
-/// Runs `command`, failing with its name if it fails.
-fn run(command: &mut Command) -> Result<()> {
-    let status = command
-        .status()
-        .with_context(|| format!("running {command:?}"))?;
-    ensure!(status.success(), "{command:?} failed: {status}");
     Ok(())
 }
 
