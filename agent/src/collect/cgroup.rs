@@ -255,3 +255,123 @@ mod tests {
         assert_eq!(path_by_id(&layout, id).as_deref(), Some(cg.path.as_str()));
     }
 }
+
+/// What a memory cgroup's event counters say (cumulative since the cgroup was created).
+/// v2 fills the `memory.events` fields; v1 fills `failcnt` and the `memory.oom_control` ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryEvents {
+    /// v2: times usage went over `memory.low` protection and was reclaimed anyway.
+    pub low: Option<u64>,
+    /// v2: times usage went over `memory.high` and was throttled.
+    pub high: Option<u64>,
+    /// v2: times usage was about to go over `memory.max`.
+    pub max: Option<u64>,
+    /// v2: times the cgroup hit its limit and reclaim failed.
+    pub oom: Option<u64>,
+    /// v2 and v1 (Linux 4.13+): processes of the cgroup the OOM killer killed.
+    pub oom_kill: Option<u64>,
+    /// v2 (Linux 5.17+): whole-cgroup kills (`memory.oom.group`).
+    pub oom_group_kill: Option<u64>,
+    /// v1 `memory.failcnt`: times usage hit the limit.
+    pub failcnt: Option<u64>,
+    /// v1: the OOM killer is disabled for this cgroup (tasks hang instead of dying).
+    pub oom_kill_disable: Option<bool>,
+    /// v1: the cgroup is out of memory right now.
+    pub under_oom: Option<bool>,
+}
+
+/// Parses a v2 `memory.events` file.
+pub fn parse_v2_events(text: &str) -> MemoryEvents {
+    let field = |key| super::keyed_u64(text, key);
+    MemoryEvents {
+        low: field("low"),
+        high: field("high"),
+        max: field("max"),
+        oom: field("oom"),
+        oom_kill: field("oom_kill"),
+        oom_group_kill: field("oom_group_kill"),
+        ..MemoryEvents::default()
+    }
+}
+
+/// Parses a v1 `memory.oom_control` file and the text of `memory.failcnt`.
+pub fn parse_v1_events(oom_control: &str, failcnt: &str) -> MemoryEvents {
+    let field = |key| super::keyed_u64(oom_control, key);
+    MemoryEvents {
+        oom_kill: field("oom_kill"),
+        failcnt: failcnt.trim().parse().ok(),
+        oom_kill_disable: field("oom_kill_disable").map(|v| v != 0),
+        under_oom: field("under_oom").map(|v| v != 0),
+        ..MemoryEvents::default()
+    }
+}
+
+/// Reads the event counters of the cgroup at `path` below the hierarchy mounted at `mount`.
+pub fn read_memory_events(version: CgroupVersion, mount: &Path, path: &str) -> MemoryEvents {
+    let dir = mount.join(path.trim_start_matches('/'));
+    let read = |name: &str| super::read_small(&dir.join(name)).unwrap_or_default();
+    match version {
+        CgroupVersion::V1 => parse_v1_events(&read("memory.oom_control"), &read("memory.failcnt")),
+        CgroupVersion::V2 => parse_v2_events(&read("memory.events")),
+    }
+}
+
+/// A v2 cgroup's `memory.pressure`; None on v1 (which has no PSI per cgroup) or without PSI.
+pub fn read_memory_pressure(
+    version: CgroupVersion,
+    mount: &Path,
+    path: &str,
+) -> Option<super::pressure::Pressure> {
+    let dir = mount.join(path.trim_start_matches('/'));
+    (version == CgroupVersion::V2)
+        .then(|| super::pressure::read_pressure(&dir.join("memory.pressure")))?
+}
+
+#[cfg(test)]
+mod event_tests {
+    use super::*;
+
+    #[test]
+    fn v2_memory_events() {
+        let e = parse_v2_events("low 0\nhigh 12\nmax 40\noom 2\noom_kill 1\noom_group_kill 0\n");
+        assert_eq!((e.low, e.high, e.max), (Some(0), Some(12), Some(40)));
+        assert_eq!(
+            (e.oom, e.oom_kill, e.oom_group_kill),
+            (Some(2), Some(1), Some(0))
+        );
+        assert_eq!((e.failcnt, e.under_oom), (None, None));
+        // Kernels before 5.17 have no oom_group_kill.
+        assert_eq!(parse_v2_events("oom 0\noom_kill 0\n").oom_group_kill, None);
+    }
+
+    #[test]
+    fn v1_oom_control_and_failcnt() {
+        let e = parse_v1_events("oom_kill_disable 0\nunder_oom 1\noom_kill 3\n", "57\n");
+        assert_eq!(e.failcnt, Some(57));
+        assert_eq!(
+            (e.oom_kill_disable, e.under_oom, e.oom_kill),
+            (Some(false), Some(true), Some(3))
+        );
+        assert_eq!(e.max, None);
+        assert_eq!(parse_v1_events("", ""), MemoryEvents::default());
+    }
+
+    /// Our own cgroup on the real controller (v1 here, v2 in the kernel-matrix VM).
+    #[test]
+    fn reads_own_cgroup_events() {
+        let layout = CgroupLayout::detect();
+        let (version, mount) = layout.memory_hierarchy().expect("a memory controller");
+        let cg = memory_cgroup(std::process::id(), &layout).unwrap().unwrap();
+        let events = read_memory_events(version, mount, &cg.path);
+        assert!(events.oom_kill.is_some() || events.failcnt.is_some());
+        let pressure = read_memory_pressure(version, mount, &cg.path);
+        assert_eq!(
+            pressure.is_some(),
+            version == CgroupVersion::V2
+                && mount
+                    .join(cg.path.trim_start_matches('/'))
+                    .join("memory.pressure")
+                    .exists()
+        );
+    }
+}

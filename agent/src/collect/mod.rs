@@ -1,14 +1,45 @@
-//! Collectors: what procfs and cgroupfs say about a process, read through the `procfs` crate
-//! where it covers the file. Each collector is a plain function of a pid; the inspection and,
-//! later, the daemon decide when to call them.
+//! Collectors: what procfs and cgroupfs say about a process, a memory cgroup and the host,
+//! read through the `procfs` crate where it covers the file. Each collector is a plain
+//! function of a pid or a path; the inspection and, later, the daemon decide when to call
+//! them. Host- and cgroup-wide files are parsed by pure functions over their text (unit-tested
+//! on real samples) behind thin, bounded readers: a missing file or field is `None`.
 
 pub mod cgroup;
+pub mod host;
 pub mod maps;
 pub mod memory;
 pub mod pagemap;
+pub mod pressure;
 pub mod process;
 
-use std::io;
+use std::{
+    fs::File,
+    io::{self, Read as _},
+    path::Path,
+};
+
+/// The most a host- or cgroup-wide counter file is read for (`/proc/vmstat` is ~5 KiB).
+const MAX_COUNTER_FILE: u64 = 64 * 1024;
+
+/// Reads at most 64 KiB of a small kernel file; None if it cannot be read or is not UTF-8.
+pub(crate) fn read_small(path: &Path) -> Option<String> {
+    let mut text = String::new();
+    File::open(path)
+        .ok()?
+        .take(MAX_COUNTER_FILE)
+        .read_to_string(&mut text)
+        .ok()?;
+    Some(text)
+}
+
+/// The value of `key` in a flat-keyed file (`key value` per line: `/proc/vmstat`,
+/// `memory.events`, `memory.oom_control`).
+pub(crate) fn keyed_u64(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let mut words = line.split_whitespace();
+        (words.next() == Some(key)).then(|| words.next()?.parse().ok())?
+    })
+}
 
 /// Why a collector could not read a process.
 #[derive(Debug, thiserror::Error)]
