@@ -414,12 +414,21 @@ struct GuestRun {
 /// Boots QEMU with TCG and waits for it to power off (or kills it at the timeout).
 fn boot(work: &Path, kernel: &Path, initramfs: &Path, options: &Options) -> Result<GuestRun> {
     let files = ["console.log", "tests.log", "results.log"].map(|f| work.join(f));
-    let mut append = String::from("rdinit=/init console=ttyS0 panic=-1 loglevel=4");
+    // A soft lockup panics (and so ends the run at once) with every CPU's backtrace.
+    let mut append = String::from(
+        "rdinit=/init console=ttyS0 panic=-1 loglevel=4 softlockup_panic=1 \
+         softlockup_all_cpu_backtrace=1",
+    );
     if options.cgroup == Cgroup::V2 {
         append += " cgroup_no_v1=all";
     }
     let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2"])
+    // Two guest CPUs on one host thread. With multi-threaded TCG, one run in six (on a loaded
+    // host) had both guest CPUs stuck for minutes (soft lockups), one in `infermem` starting up,
+    // i.e. attaching probes, which patches tracepoint code, the other in the test process. We
+    // suspect multi-threaded TCG's handling of code one CPU patches while another runs it;
+    // round-robin TCG cannot race there. Not reproduced since, with either mode.
+    qemu.args(["-accel", "tcg,thread=single", "-cpu", "max", "-smp", "2"])
         .args(["-m", "4G", "-nodefaults", "-display", "none", "-no-reboot"])
         .arg("-kernel")
         .arg(kernel)
