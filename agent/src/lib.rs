@@ -5,6 +5,7 @@
 //! - [`collect`]: what procfs and cgroupfs say about a process;
 //! - [`state`]: the per-process state built from both, which a daemon can keep live;
 //! - [`model`]: runtimes, model files and the memory they need;
+//! - [`predict`]: time to OOM, level, victim and thrashing per process, cgroup and host;
 //! - [`report`]: the `inspect` report (a serde type) and its text rendering;
 //! - [`inspect`]: sampling one process for `infermem inspect`;
 //! - [`doctor`]: checks of the kernel features infermem needs or can use;
@@ -14,6 +15,7 @@ pub mod collect;
 pub mod doctor;
 pub mod inspect;
 pub mod model;
+pub mod predict;
 pub mod probes;
 pub mod report;
 pub mod state;
