@@ -68,76 +68,26 @@ pub fn outlook(d: &DomainInput, cfg: &Config) -> Option<Outlook> {
     let limit = d.limit_bytes? as f64;
     let needed_now = d.samples.last()?.needed_bytes();
     let growth = growth(d, limit, cfg);
-    let eta = growth
-        .trend
-        .filter(|_| growth.growing)
-        .map(|t| eta(&t, limit));
     let pending = pending_growth(d);
     let peak_over = pending > 0 && (needed_now + pending) as f64 > limit;
-    let headroom_fraction = ((limit - needed_now as f64) / limit).max(0.0);
     let mut o = Outlook {
         level: Level::Ok,
-        eta,
-        headroom_fraction,
+        eta: growth
+            .trend
+            .filter(|_| growth.growing)
+            .map(|t| eta(&t, limit)),
+        headroom_fraction: ((limit - needed_now as f64) / limit).max(0.0),
         reasons: Vec::new(),
     };
-    let soon = eta.is_some_and(|e| e.seconds < cfg.critical_eta_s);
-    if soon && (growth.confident || peak_over) {
-        o.raise(
-            Level::Critical,
-            format!(
-                "{} runs out in {:.0} s at the current growth",
-                d.name,
-                eta.map_or(0.0, |e| e.seconds)
-            ),
-        );
-    }
-    if headroom_fraction < cfg.critical_headroom && growth.confident {
-        o.raise(
-            Level::Critical,
-            format!(
-                "{} is {:.1} % from its limit and growing",
-                d.name,
-                headroom_fraction * 100.0
-            ),
-        );
-    }
-    if eta.is_some_and(|e| e.seconds < cfg.elevated_eta_s) && growth.confident {
-        o.raise(
-            Level::Elevated,
-            format!(
-                "{} runs out in {:.0} s if growth continues",
-                d.name,
-                eta.map_or(0.0, |e| e.seconds)
-            ),
-        );
-    }
-    if headroom_fraction < cfg.elevated_headroom {
-        o.raise(
-            Level::Elevated,
-            format!(
-                "{} has {:.1} % of its limit left (model weights counted as needed)",
-                d.name,
-                headroom_fraction * 100.0
-            ),
-        );
-    }
+    o.judge_growth(&d.name, &growth, peak_over, cfg);
+    o.judge_state(d, cfg);
     if peak_over {
-        o.raise(Level::Elevated, format!("the models' predicted peak does not fit in {}: {} needed now + {} still to grow > {} limit", d.name, format_bytes(needed_now), format_bytes(pending), format_bytes(limit as u64)));
+        o.raise(Level::Elevated, format!(
+            "the models' predicted peak does not fit in {}: {} needed now + {} still to grow > {} limit",
+            d.name, format_bytes(needed_now), format_bytes(pending), format_bytes(limit as u64)
+        ));
     }
-    if let Some(psi) = d
-        .pressure_some_avg10
-        .filter(|&p| p >= cfg.psi_some_elevated)
-    {
-        o.raise(
-            Level::Elevated,
-            format!(
-                "{} memory pressure: tasks stalled {psi:.1} % of the last 10 s",
-                d.name
-            ),
-        );
-    }
-    if !growth.growing && growth.trend.is_some() && o.level == Level::Ok {
+    if growth.trend.is_some() && !growth.growing && o.level == Level::Ok {
         o.reasons.push(format!("{} is flat: no ETA", d.name));
     }
     Some(o)
@@ -147,6 +97,57 @@ impl Outlook {
     fn raise(&mut self, level: Level, reason: String) {
         self.level = self.level.max(level);
         self.reasons.push(reason);
+    }
+
+    /// Levels from the trend: critical when the ETA is short and confident (or the models'
+    /// peak says the growth will go on), or when the limit is close and the need grows.
+    fn judge_growth(&mut self, name: &str, growth: &Growth, peak_over: bool, cfg: &Config) {
+        let (eta, headroom) = (self.eta.map(|e| e.seconds), self.headroom_fraction * 100.0);
+        let trusted = growth.confident || peak_over;
+        if let Some(eta) = eta.filter(|&e| e < cfg.critical_eta_s && trusted) {
+            self.raise(
+                Level::Critical,
+                format!("{name} runs out in {eta:.0} s at the current growth"),
+            );
+        }
+        if self.headroom_fraction < cfg.critical_headroom && growth.confident {
+            self.raise(
+                Level::Critical,
+                format!("{name} is {headroom:.1} % from its limit and growing"),
+            );
+        }
+        if let Some(eta) = eta.filter(|&e| e < cfg.elevated_eta_s && growth.confident) {
+            self.raise(
+                Level::Elevated,
+                format!("{name} runs out in {eta:.0} s if growth continues"),
+            );
+        }
+    }
+
+    /// Levels from the state now: little headroom left, or memory pressure (PSI).
+    fn judge_state(&mut self, d: &DomainInput, cfg: &Config) {
+        let headroom = self.headroom_fraction * 100.0;
+        if self.headroom_fraction < cfg.elevated_headroom {
+            self.raise(
+                Level::Elevated,
+                format!(
+                    "{} has {headroom:.1} % of its limit left (model weights counted as needed)",
+                    d.name
+                ),
+            );
+        }
+        if let Some(psi) = d
+            .pressure_some_avg10
+            .filter(|&p| p >= cfg.psi_some_elevated)
+        {
+            self.raise(
+                Level::Elevated,
+                format!(
+                    "{} memory pressure: tasks stalled {psi:.1} % of the last 10 s",
+                    d.name
+                ),
+            );
+        }
     }
 }
 
