@@ -70,11 +70,13 @@ pub fn outlook(d: &DomainInput, cfg: &Config) -> Option<Outlook> {
     let growth = growth(d, limit, cfg);
     let pending = pending_growth(d);
     let peak_over = pending > 0 && (needed_now + pending) as f64 > limit;
+    let ceiling = peaks_bound_growth(d)
+        && ((needed_now + pending) as f64) < limit * (1.0 - cfg.critical_headroom);
     let mut o = Outlook {
         level: Level::Ok,
         eta: growth
             .trend
-            .filter(|_| growth.growing)
+            .filter(|_| growth.growing && !ceiling)
             .map(|t| eta(&t, limit)),
         headroom_fraction: ((limit - needed_now as f64) / limit).max(0.0),
         reasons: Vec::new(),
@@ -85,6 +87,13 @@ pub fn outlook(d: &DomainInput, cfg: &Config) -> Option<Outlook> {
         o.raise(Level::Elevated, format!(
             "the models' predicted peak does not fit in {}: {} needed now + {} still to grow > {} limit",
             d.name, format_bytes(needed_now), format_bytes(pending), format_bytes(limit as u64)
+        ));
+    }
+    if ceiling && growth.growing {
+        o.reasons.push(format!(
+            "growth bounded: the models' predicted peaks fit in {} ({} needed at most)",
+            d.name,
+            format_bytes(needed_now + pending)
         ));
     }
     if growth.trend.is_some() && !growth.growing && o.level == Level::Ok {
@@ -186,6 +195,16 @@ fn eta(t: &trend::Trend, limit: f64) -> Eta {
         low_seconds: headroom / t.slope_high.max(t.slope),
         high_seconds: (t.slope_low > 0.0).then(|| headroom / t.slope_low),
     }
+}
+
+/// Whether the predicted peaks bound the domain's growth: every process has one and none is
+/// above it (a process past its peak shows the prediction wrong, and the ceiling is dropped).
+fn peaks_bound_growth(d: &DomainInput) -> bool {
+    !d.processes.is_empty()
+        && d.processes.iter().all(|p| {
+            p.predicted_peak_bytes
+                .is_some_and(|peak| p.rss_bytes <= peak)
+        })
 }
 
 /// Bytes the domain's model processes will still grow by to reach their predicted peaks.

@@ -175,6 +175,40 @@ fn a_model_growing_toward_a_peak_over_the_limit_is_flagged_early() {
     assert!(lead >= 10.0 && error <= 0.25);
 }
 
+#[test]
+fn a_model_whose_peak_fits_is_bounded_by_it_until_it_passes_it() {
+    // KV growing 50 MB/s from 300 MB toward a 900 MB peak in 1 GiB: a plain ramp would be
+    // critical; the peak bounds it. The same growth past a wrong (600 MB) peak is critical.
+    let usage = |t: f64| 300.0 * MB + 50.0 * MB * t.min(12.0);
+    let model = |peak: u64| {
+        move |t: f64| {
+            let rss_bytes = usage(t) as u64;
+            vec![ProcessInput {
+                pid: 9,
+                rss_bytes,
+                predicted_peak_bytes: Some(peak),
+                ..Default::default()
+            }]
+        }
+    };
+    let run = simulate(1.0, 60.0, GIB, usage, model(900_000_000));
+    assert!(
+        run.iter().all(|(_, a)| a.level < Level::Critical),
+        "{run:?}"
+    );
+    assert!(
+        run[6]
+            .1
+            .reasons
+            .iter()
+            .any(|r| r.contains("growth bounded")),
+        "{:?}",
+        run[6].1
+    );
+    let run = simulate(1.0, 60.0, GIB, usage, model(600_000_000));
+    assert!(run.iter().any(|(_, a)| a.level == Level::Critical));
+}
+
 fn host_memory(available: u64, swap_total: u64) -> HostMemory {
     HostMemory {
         total_bytes: 16 * GIB,
