@@ -374,3 +374,33 @@ fn weights_faulted_back_in_are_thrashing() {
         "{a:?}"
     );
 }
+
+#[test]
+fn a_cgroup_counts_its_whole_charge_against_its_effective_limit() {
+    use crate::collect::cgroup::{CgroupVersion, MemoryCgroup};
+    for version in [CgroupVersion::V1, CgroupVersion::V2] {
+        let mut cg = MemoryCgroup {
+            version,
+            path: CGROUP.into(),
+            limit_bytes: None,
+            usage_bytes: Some(1_000_000_000),
+            effective_limit_bytes: Some(GIB),
+            high_bytes: None,
+        };
+        let sample = DomainSample::cgroup(0.0, &cg, 300_000_000).unwrap();
+        assert_eq!(sample.needed_bytes(), 1_000_000_000);
+        let d = DomainInput {
+            name: cg.path.clone(),
+            limit_bytes: cg.effective_limit_bytes,
+            samples: vec![sample],
+            ..Default::default()
+        };
+        let a = assess(&[d], &Config::default());
+        assert_eq!(
+            (a.level, a.domain.as_deref()),
+            (Level::Elevated, Some(CGROUP))
+        );
+        cg.usage_bytes = None;
+        assert_eq!(DomainSample::cgroup(0.0, &cg, 0), None);
+    }
+}
