@@ -95,6 +95,39 @@ fn ramps_into_a_limit_are_critical_early_with_accurate_eta() {
 }
 
 #[test]
+fn a_noisy_ramp_with_bursts_keeps_its_lead_and_eta() {
+    // 50 MB/s with ±20 MB of noise and a 200 MB burst every 7 s, into 1 GiB.
+    let usage = |t: f64| {
+        let burst = if (t as u64) % 7 == 6 { 200.0 * MB } else { 0.0 };
+        50.0 * MB + 50.0 * MB * t + burst + 20.0 * MB * noise(t as u64)
+    };
+    let ramp_oom = (GIB as f64 - 50.0 * MB) / (50.0 * MB);
+    let run = simulate(1.0, ramp_oom + 5.0, GIB, usage, no_processes);
+    // A burst may reach the limit before the ramp does: the first sample over it.
+    let t_oom = ramp_oom.min(run.last().unwrap().0 + 1.0);
+    let (lead, error) = first_critical(&run, t_oom).expect("critical before the OOM");
+    eprintln!(
+        "noisy bursty 50 MB/s into 1 GiB: critical {lead:.1} s before a {t_oom:.1}-s OOM, ETA error {:.1} %",
+        error * 100.0
+    );
+    assert!(lead >= 10.0 && error <= 0.25);
+}
+
+#[test]
+fn a_stepping_allocator_is_a_ramp() {
+    // 100 MB every 2 s (50 MB/s on average) into 1 GiB: the pauses are not plateaus.
+    let usage = |t: f64| 50.0 * MB + 100.0 * MB * (t / 2.0).floor();
+    let t_oom = 2.0 * ((GIB as f64 - 50.0 * MB) / (100.0 * MB)).ceil();
+    let run = simulate(1.0, t_oom + 5.0, GIB, usage, no_processes);
+    let (lead, error) = first_critical(&run, t_oom).expect("critical before the OOM");
+    eprintln!(
+        "100 MB every 2 s into 1 GiB: OOM at {t_oom:.0} s, critical {lead:.1} s before, ETA error {:.1} %",
+        error * 100.0
+    );
+    assert!(lead >= 10.0 && error <= 0.25);
+}
+
+#[test]
 fn a_ramp_that_plateaus_below_the_limit_is_never_critical() {
     let usage = |t: f64| (50.0 * MB + 20.0 * MB * t.min(20.0)) + 2.0 * MB * noise(t as u64);
     let run = simulate(1.0, 300.0, GIB, usage, no_processes);
