@@ -7,7 +7,7 @@
 use std::{
     collections::HashMap,
     os::fd::{AsRawFd, RawFd},
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -36,7 +36,10 @@ use crate::{
     state::{AllocationKind, Origin, ProcessState},
 };
 
-/// How often liveness is re-checked while sampling.
+mod risk;
+
+/// How often liveness is re-checked (and the host and cgroup sampled for the risk) while
+/// sampling.
 const LIVENESS_INTERVAL: Duration = Duration::from_millis(200);
 
 /// What to inspect and how.
@@ -159,7 +162,8 @@ pub async fn inspect(options: &InspectOptions) -> Result<InspectReport, InspectE
         "sampling started for {:?}",
         options.duration
     );
-    watch(&mut state, reader, options.duration).await;
+    let mut risk = risk::RiskSampler::new(pid);
+    watch(&mut state, reader, options.duration, &mut risk).await;
     if state.ended.is_some() || state.oom_kill.is_some() || process::still_alive(&identity).is_err()
     {
         return Err(exited(&state));
@@ -177,14 +181,19 @@ pub async fn inspect(options: &InspectOptions) -> Result<InspectReport, InspectE
         &state,
         probes.as_ref(),
         reason,
-        &start,
-        &end,
+        (&start, &end),
         &start_mapping_faults,
+        &risk,
     )
 }
 
 /// Drains events until `duration` has passed or the process is gone.
-async fn watch(state: &mut ProcessState, reader: Option<EventReader>, duration: Duration) {
+async fn watch(
+    state: &mut ProcessState,
+    reader: Option<EventReader>,
+    duration: Duration,
+    risk: &mut risk::RiskSampler,
+) {
     let deadline = tokio::time::Instant::now() + duration;
     // SAFETY: the ring buffer's fd stays open, and the same, as long as the reader lives,
     // and the AsyncFd owns the reader.
@@ -207,6 +216,7 @@ async fn watch(state: &mut ProcessState, reader: Option<EventReader>, duration: 
                 if state.ended.is_some() || process::still_alive(&state.identity).is_err() {
                     break;
                 }
+                risk.sample();
             }
         }
     }
@@ -290,9 +300,9 @@ fn build_report(
     state: &ProcessState,
     probes: Option<&Probes>,
     reason: Option<String>,
-    start: &Sample,
-    end: &Sample,
+    (start, end): (&Sample, &Sample),
     start_mapping_faults: &HashMap<PathBuf, u64>,
+    risk: &risk::RiskSampler,
 ) -> Result<InspectReport, InspectError> {
     let pid = state.identity.pid;
     let identity = process::identity(pid)?;
@@ -302,7 +312,7 @@ fn build_report(
     let usage = memory::usage(pid)?;
     let vmas = maps::vmas(pid, true)?;
     let files = maps::mapped_files(&vmas, LARGE_MAPPING_BYTES);
-    let mappings = files
+    let mappings: Vec<MappingReport> = files
         .iter()
         .map(|file| mapping_report(file, probes, pid, start_mapping_faults, window))
         .collect();
@@ -360,6 +370,7 @@ fn build_report(
     });
 
     let model = model::analysis::analyze(&process_facts(state, &identity, &vmas));
+    let risk = risk.assess(risk_facts(model.as_ref(), &mappings, window));
 
     Ok(InspectReport {
         schema_version: SCHEMA_VERSION,
@@ -397,12 +408,34 @@ fn build_report(
             })
             .collect(),
         model,
+        risk: Some(risk),
         sources: SourcesReport {
             ebpf: probes.is_some(),
             reason,
             probes: probes.map(probe_reports).unwrap_or_default(),
         },
     })
+}
+
+/// What the predictor needs from the model section: the predicted peak, the resident bytes
+/// of the model files and the faults on their mappings in the window.
+fn risk_facts(
+    model: Option<&model::analysis::ModelReport>,
+    mappings: &[MappingReport],
+    window: f64,
+) -> risk::ModelFacts {
+    let Some(model) = model else {
+        return risk::ModelFacts::default();
+    };
+    let is_model = |path: &str| model.files.iter().any(|f| f.file.path == Path::new(path));
+    let model_mappings = mappings.iter().filter(|m| is_model(&m.path));
+    risk::ModelFacts {
+        predicted_peak_bytes: model.prediction.as_ref().and_then(|p| p.peak_ram_bytes),
+        model_file_bytes: model.files.iter().map(|f| f.resident_bytes).sum(),
+        model_file_faults: model_mappings
+            .map(|m| m.faults_per_s.map(|rate| (rate * window).round() as u64))
+            .sum(),
+    }
 }
 
 /// What the model analysis needs: every mapped file (libraries name runtimes), the files the

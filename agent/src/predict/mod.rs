@@ -21,7 +21,7 @@ pub mod victim;
 #[cfg(test)]
 mod scenarios;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use hysteresis::LevelTracker;
 
@@ -43,7 +43,7 @@ fn series(values: &[f64]) -> Vec<Sample> {
 }
 
 /// How close a target is to an OOM kill.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Level {
     #[default]
@@ -182,7 +182,7 @@ impl Default for Config {
 }
 
 /// The prediction for one target (host, cgroup or process): what `watch --json` prints.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Assessment {
     pub level: Level,
     /// Seconds to OOM at the current trend; None when flat, falling or unknown.

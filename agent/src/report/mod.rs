@@ -7,7 +7,7 @@ pub mod text;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{collect::cgroup::CgroupVersion, model::analysis::ModelReport};
+use crate::{collect::cgroup::CgroupVersion, model::analysis::ModelReport, predict::Assessment};
 
 /// Version of the JSON contract; bumped only on incompatible changes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -35,6 +35,9 @@ pub struct InspectReport {
     /// The model runtime and model; null for a process that is neither a known runtime nor
     /// maps a model file.
     pub model: Option<ModelReport>,
+    /// The predictor's verdict over the window: level, time to OOM, the domain that runs out,
+    /// the OOM killer's victim, thrashing and the reasons (see docs/predictor.md).
+    pub risk: Option<Assessment>,
     pub sources: SourcesReport,
 }
 

@@ -128,6 +128,9 @@ pub fn render(report: &InspectReport) -> String {
     if let Some(model) = &report.model {
         super::model_text::render_model(w, model);
     }
+    if let Some(risk) = &report.risk {
+        risk_lines(w, risk);
+    }
 
     let s = &report.sources;
     if s.ebpf {
@@ -145,6 +148,34 @@ pub fn render(report: &InspectReport) -> String {
         );
     }
     escape_lines(&out)
+}
+
+/// The predictor's verdict: level, time to OOM with its range, domain, victim, reasons.
+fn risk_lines(w: &mut String, r: &crate::predict::Assessment) {
+    let seconds = |s: f64| format!("{s:.0} s");
+    let eta = r
+        .eta_seconds
+        .map_or("no time to OOM at this trend".to_owned(), |eta| {
+            let high = r.eta_high_seconds.map_or("∞".to_owned(), seconds);
+            let low = r.eta_low_seconds.map_or("?".to_owned(), seconds);
+            format!("OOM in {} ({low} to {high})", seconds(eta))
+        });
+    let _ = writeln!(
+        w,
+        "risk     {}: {eta}; domain {}; the OOM killer would pick {}{}",
+        r.level,
+        r.domain.as_deref().unwrap_or("unknown"),
+        r.victim_pid
+            .map_or("nobody".to_owned(), |p| format!("pid {p}")),
+        if r.thrashing {
+            "; model weights thrash"
+        } else {
+            ""
+        }
+    );
+    for reason in &r.reasons {
+        let _ = writeln!(w, "         {reason}");
+    }
 }
 
 /// Whether `c` is a control character: C0 (below 0x20), DEL or C1 (0x80 to 0x9f).
