@@ -62,7 +62,7 @@ pub fn run(options: &ProbeOptions) -> Vec<Check> {
                     ))
                 } else {
                     Err(format!(
-                        "{} lacks fields the OOM probe reads: {}",
+                        "{} lacks fields the OOM, exec and exit probes read: {}",
                         options.btf_path.display(),
                         missing.join(", ")
                     ))

@@ -132,7 +132,7 @@ impl ProcessState {
 
     /// Applies one kernel event about this process.
     pub fn apply(&mut self, event: &KernelEvent) {
-        if event.tgid != self.identity.pid {
+        if event.tgid != self.identity.pid || !self.same_start(event) {
             return;
         }
         match &event.detail {
@@ -205,11 +205,11 @@ impl ProcessState {
                 })
             }
             EventDetail::Brk { .. } | EventDetail::Fork { .. } => {}
-            EventDetail::Exec { comm } => {
+            EventDetail::Exec(process) => {
                 // The old program's mappings and allocations are gone with its address space.
                 self.file_mappings.clear();
                 self.allocations.clear();
-                self.execs.push(comm.clone());
+                self.execs.push(process.comm.clone());
             }
             EventDetail::Exit { .. } => self.ended = Some(ProcessEnd::Exited),
             EventDetail::OomVictim(victim) => self.oom_kill = Some(victim.clone()),
@@ -238,6 +238,16 @@ impl ProcessState {
         self.allocations.push_back(allocation);
     }
 
+    /// False for an exec or exit of another process that reuses the pid (its start time
+    /// differs); events without a start time are taken as ours.
+    fn same_start(&self, event: &KernelEvent) -> bool {
+        let start = match &event.detail {
+            EventDetail::Exec(process) | EventDetail::Exit { process, .. } => process.start_time,
+            _ => None,
+        };
+        start.is_none_or(|start| start == self.identity.start_time)
+    }
+
     fn remove_file_range(&mut self, start: u64, end: u64) {
         self.file_mappings
             .retain(|_, m| m.end <= start || m.start >= end);
@@ -247,6 +257,7 @@ impl ProcessState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::probes::ProcessInfo;
 
     fn state() -> ProcessState {
         ProcessState::new(ProcessIdentity {
@@ -255,6 +266,21 @@ mod tests {
             comm: "llama-server".into(),
             cmdline: vec![],
             exe: None,
+        })
+    }
+
+    fn process_info(start_time: Option<u64>) -> ProcessInfo {
+        ProcessInfo {
+            comm: "llama-server".into(),
+            start_time,
+            memcg_id: None,
+        }
+    }
+
+    fn exit(start_time: Option<u64>) -> KernelEvent {
+        event(EventDetail::Exit {
+            process: process_info(start_time),
+            had_file_mappings: false,
         })
     }
 
@@ -304,12 +330,13 @@ mod tests {
         }));
         assert!(s.file_mappings.is_empty());
 
-        // Events about other processes are ignored.
-        let mut other = event(EventDetail::Exit { comm: "x".into() });
+        // Events about other processes are ignored, a reused pid (other start time) too.
+        let mut other = exit(Some(1));
         other.tgid = 11;
         s.apply(&other);
+        s.apply(&exit(Some(2)));
         assert_eq!(s.ended, None);
-        s.apply(&event(EventDetail::Exit { comm: "x".into() }));
+        s.apply(&exit(Some(1)));
         assert_eq!(s.ended, Some(ProcessEnd::Exited));
     }
 
@@ -321,9 +348,7 @@ mod tests {
             old_brk: 0,
             new_brk: 4 << 20,
         }));
-        s.apply(&event(EventDetail::Exec {
-            comm: "llama-server".into(),
-        }));
+        s.apply(&event(EventDetail::Exec(process_info(Some(1)))));
         assert_eq!(s.ended, None);
         assert_eq!(s.execs, ["llama-server"]);
         assert!(s.file_mappings.is_empty());

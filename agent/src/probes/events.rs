@@ -35,14 +35,30 @@ pub enum EventDetail {
     },
     /// The heap moved by at least 1 MiB.
     Brk { old_brk: u64, new_brk: u64 },
-    /// The process exec'd; `comm` is the new program's.
-    Exec { comm: String },
+    /// The process exec'd (sent for every process); `comm` is the new program's.
+    Exec(ProcessInfo),
     /// A process with large file mappings forked `child`.
     Fork { child: u32 },
-    /// A process with large file mappings exited.
-    Exit { comm: String },
+    /// The process exited, its whole thread group dead (sent for every process).
+    Exit {
+        process: ProcessInfo,
+        /// Whether it had large file mappings (fault buckets) when it died.
+        had_file_mappings: bool,
+    },
     /// The OOM killer chose this process.
     OomVictim(OomVictim),
+}
+
+/// Who a process is, as the exec and exit probes saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessInfo {
+    pub comm: String,
+    /// Start time in clock ticks after boot, as `/proc/<pid>/stat` field 22 shows it (the
+    /// probes send the thread group leader's `start_boottime` in ns; see [`ns_to_clock_ticks`]).
+    /// With the pid, it names the process: a reused pid has another start time.
+    pub start_time: Option<u64>,
+    /// Kernfs id (directory inode) of the process's memory cgroup.
+    pub memcg_id: Option<u64>,
 }
 
 /// An OOM kill as the kernel recorded it at the moment it chose the victim.
@@ -80,6 +96,11 @@ impl KernelEvent {
         let a = raw.args;
         let page_bytes = page_size();
         let pages = |v: u64| (v != UNKNOWN_VALUE).then(|| v.saturating_mul(page_bytes));
+        let process = || ProcessInfo {
+            comm: comm_string(&raw.comm),
+            start_time: (a[0] != UNKNOWN_VALUE).then(|| ns_to_clock_ticks(a[0])),
+            memcg_id: (a[1] != UNKNOWN_VALUE).then_some(a[1]),
+        };
         let detail = match kind {
             EventKind::Mmap => EventDetail::Mmap {
                 addr: a[0],
@@ -103,12 +124,11 @@ impl KernelEvent {
                 old_brk: a[0],
                 new_brk: a[1],
             },
-            EventKind::Exec => EventDetail::Exec {
-                comm: comm_string(&raw.comm),
-            },
+            EventKind::Exec => EventDetail::Exec(process()),
             EventKind::Fork => EventDetail::Fork { child: a[0] as u32 },
             EventKind::Exit => EventDetail::Exit {
-                comm: comm_string(&raw.comm),
+                process: process(),
+                had_file_mappings: a[2] != 0,
             },
             EventKind::OomVictim => EventDetail::OomVictim(OomVictim {
                 comm: comm_string(&raw.comm),
@@ -132,6 +152,15 @@ impl KernelEvent {
 pub fn comm_string(comm: &[u8; 16]) -> String {
     let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
     String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+/// CLOCK_BOOTTIME nanoseconds as clock ticks (`USER_HZ`), the unit and rounding of
+/// `/proc/<pid>/stat`'s start time: `ns / (NSEC_PER_SEC / USER_HZ)`.
+pub fn ns_to_clock_ticks(ns: u64) -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|&hz| hz > 0).unwrap_or(100);
+    ns / (1_000_000_000 / hz)
 }
 
 /// The system page size.
@@ -174,6 +203,28 @@ mod tests {
         assert_eq!(victim.rss_anon_bytes, Some(16384 * page_size()));
         assert_eq!(victim.swap_bytes, None);
         assert_eq!(victim.oom_score_adj, Some(-500));
+    }
+
+    #[test]
+    fn decodes_an_exit_with_start_time_in_clock_ticks_and_memcg() {
+        let event = Event {
+            kind: EventKind::Exit as u32,
+            tgid: 7,
+            time_ns: 0,
+            args: [12_345_678_901, 99, 1, 0, 0, 0],
+            comm: *b"sh\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
+        };
+        let EventDetail::Exit {
+            process,
+            had_file_mappings,
+        } = KernelEvent::decode(&record(&event)).unwrap().detail
+        else {
+            panic!("wrong kind");
+        };
+        assert_eq!(process.comm, "sh");
+        assert_eq!(process.start_time, Some(ns_to_clock_ticks(12_345_678_901)));
+        assert_eq!(process.memcg_id, Some(99));
+        assert!(had_file_mappings);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use infermem_common::{
     ProbeStats, ProcMemory, SyscallArgs, SyscallNumbers, global_names, map_names,
 };
 
-pub use events::{EventDetail, KernelEvent, OomVictim};
+pub use events::{EventDetail, KernelEvent, OomVictim, ProcessInfo};
 pub use offsets::MarkVictim;
 
 /// The compiled probes, built by `build.rs` from `ebpf/infermem-ebpf`.
@@ -98,7 +98,7 @@ pub struct Probes {
     syscall_args: HashMap<MapData, u32, SyscallArgs>,
     epoch: Array<MapData, u64>,
     stats: PerCpuArray<MapData, ProbeStats>,
-    events: Option<RingBuf<MapData>>,
+    events: Option<(RingBuf<MapData>, RingBuf<MapData>)>,
     offsets: KernelOffsets,
     mark_victim: Option<MarkVictim>,
     unavailable: Vec<(Probe, String)>,
@@ -155,6 +155,8 @@ impl Probes {
             .map_err(|_| ProbeError::Map(map_names::PROBE_STATS))?;
         let events = RingBuf::try_from(take(map_names::EVENTS)?)
             .map_err(|_| ProbeError::Map(map_names::EVENTS))?;
+        let oom_events = RingBuf::try_from(take(map_names::OOM_EVENTS)?)
+            .map_err(|_| ProbeError::Map(map_names::OOM_EVENTS))?;
         Ok(Probes {
             _ebpf: ebpf,
             faults,
@@ -164,7 +166,7 @@ impl Probes {
             syscall_args,
             epoch,
             stats,
-            events: Some(events),
+            events: Some((events, oom_events)),
             offsets: kernel.offsets,
             mark_victim: kernel.mark_victim,
             unavailable,
@@ -319,35 +321,69 @@ impl Probes {
         }
     }
 
-    /// Takes the event ring buffer (once) for an [`EventReader`].
+    /// Takes the event ring buffers (once) for an [`EventReader`]; None if already taken or
+    /// if an epoll instance cannot be created.
     pub fn take_event_reader(&mut self) -> Option<EventReader> {
-        self.events.take().map(|ring| EventReader { ring })
+        let (events, oom) = self.events.take()?;
+        EventReader::new(events, oom).ok()
     }
 }
 
-/// Reads the probes' ring buffer.
+/// Reads the probes' two ring buffers: OOM kills, which have one of their own, and the rest.
 pub struct EventReader {
-    ring: RingBuf<MapData>,
+    events: RingBuf<MapData>,
+    oom: RingBuf<MapData>,
+    /// An epoll instance watching both rings: readable when either is.
+    epoll: std::os::fd::OwnedFd,
 }
 
 impl EventReader {
-    /// Decodes every event waiting in the buffer; undecodable records are counted, not fatal.
+    fn new(events: RingBuf<MapData>, oom: RingBuf<MapData>) -> io::Result<EventReader> {
+        use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _};
+        // SAFETY: epoll_create1 has no preconditions; the fd is owned from here on.
+        let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd that nothing else owns.
+        let epoll = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        for ring in [events.as_fd(), oom.as_fd()] {
+            let mut interest = libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: ring.as_raw_fd() as u64,
+            };
+            // SAFETY: both fds are open; the kernel copies `interest`.
+            let rc = unsafe {
+                libc::epoll_ctl(raw, libc::EPOLL_CTL_ADD, ring.as_raw_fd(), &mut interest)
+            };
+            if rc < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(EventReader { events, oom, epoll })
+    }
+
+    /// Decodes every event waiting in both buffers, OOM kills first; undecodable records are
+    /// counted, not fatal.
     pub fn drain(&mut self) -> (Vec<KernelEvent>, usize) {
         let mut decoded = Vec::new();
         let mut undecodable = 0;
-        while let Some(item) = self.ring.next() {
-            match KernelEvent::decode(&item) {
-                Ok(event) => decoded.push(event),
-                Err(_) => undecodable += 1,
+        for ring in [&mut self.oom, &mut self.events] {
+            while let Some(item) = ring.next() {
+                match KernelEvent::decode(&item) {
+                    Ok(event) => decoded.push(event),
+                    Err(_) => undecodable += 1,
+                }
             }
         }
         (decoded, undecodable)
     }
 
-    /// The ring buffer's file descriptor, to wait on with epoll (e.g. tokio's `AsyncFd`).
+    /// A file descriptor that is readable when either ring buffer has events (an epoll
+    /// instance), to wait on with epoll (e.g. tokio's `AsyncFd`).
     pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         use std::os::fd::AsFd as _;
-        self.ring.as_fd()
+        self.epoll.as_fd()
     }
 }
 

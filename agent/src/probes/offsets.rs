@@ -28,6 +28,8 @@ pub fn resolve(btf: &Btf) -> KernelOffsets {
         kernfs_node_id: field(&["kernfs_node", "id"]),
         exit_has_group_dead: u32::from(tracepoint_arg_count(btf, "sched_process_exit") == Some(2)),
         task_pid: field(&["task_struct", "pid"]),
+        task_group_leader: field(&["task_struct", "group_leader"]),
+        task_start_boottime: field(&["task_struct", "start_boottime"]),
     }
 }
 
@@ -37,6 +39,8 @@ pub fn missing_fields(offsets: &KernelOffsets) -> Vec<&'static str> {
         ("task_struct.tgid", offsets.task_tgid),
         ("task_struct.pid", offsets.task_pid),
         ("task_struct.comm", offsets.task_comm),
+        ("task_struct.group_leader", offsets.task_group_leader),
+        ("task_struct.start_boottime", offsets.task_start_boottime),
         ("task_struct.mm", offsets.task_mm),
         ("task_struct.signal", offsets.task_signal),
         ("task_struct.cgroups", offsets.task_cgroups),

@@ -32,8 +32,11 @@ pub mod map_names {
     pub const PROBE_STATS: &str = "PROBE_STATS";
     /// One `u64` that changes whenever any process gains or loses file buckets.
     pub const BUCKET_EPOCH: &str = "BUCKET_EPOCH";
-    /// The ring buffer carrying [`crate::Event`]s.
+    /// The ring buffer carrying [`crate::Event`]s other than OOM kills.
     pub const EVENTS: &str = "EVENTS";
+    /// The ring buffer carrying only [`crate::EventKind::OomVictim`] events, so that a flood
+    /// of other events can never drop an OOM kill.
+    pub const OOM_EVENTS: &str = "OOM_EVENTS";
 }
 
 /// Names of the globals the agent sets before loading.
@@ -232,6 +235,11 @@ pub struct KernelOffsets {
     pub exit_has_group_dead: u32,
     /// `task_struct.pid` (the thread id), which `mark_victim(int pid)` carries.
     pub task_pid: u32,
+    /// `task_struct.group_leader`.
+    pub task_group_leader: u32,
+    /// `task_struct.start_boottime` (CLOCK_BOOTTIME ns at fork), which `/proc/<pid>/stat`
+    /// field 22 shows in clock ticks.
+    pub task_start_boottime: u32,
 }
 
 impl KernelOffsets {
@@ -253,6 +261,8 @@ impl KernelOffsets {
         kernfs_node_id: Self::MISSING,
         exit_has_group_dead: 0,
         task_pid: Self::MISSING,
+        task_group_leader: Self::MISSING,
+        task_start_boottime: Self::MISSING,
     };
 }
 
@@ -319,13 +329,15 @@ pub enum EventKind {
     Mremap = 3,
     /// The heap grew or shrank by a large step through `brk`: `[old_brk, new_brk]`.
     Brk = 4,
-    /// The process exec'd a new program: `[]`.
+    /// A process (any process) exec'd a new program: `[start_boottime_ns, memcg_kernfs_id]`.
+    /// The start time is the thread group leader's `start_boottime`, unchanged by the exec.
     Exec = 5,
     /// A process with large file mappings forked: `[child_tgid]`.
     Fork = 6,
-    /// A process with large file mappings exited: `[]`.
+    /// A process (any process) exited, its whole thread group dead:
+    /// `[start_boottime_ns, memcg_kernfs_id, had_file_buckets (0 or 1)]`.
     Exit = 7,
-    /// The OOM killer chose this process: `[memcg_kernfs_id, rss_file_pages, rss_anon_pages,
+    /// The OOM killer chose this process (on its own ring buffer): `[memcg_kernfs_id, rss_file_pages, rss_anon_pages,
     /// swap_pages, rss_shmem_pages, oom_score_adj (i64 as u64)]`. Unknown values are u64::MAX.
     OomVictim = 8,
 }

@@ -1,7 +1,9 @@
 //! Reading kernel data: syscall registers, task fields at BTF-resolved offsets, atomics.
 
 use aya_ebpf::helpers::bpf_probe_read_kernel;
-use infermem_common::KernelOffsets;
+use infermem_common::{KernelOffsets, UNKNOWN_VALUE};
+
+use crate::maps::offsets;
 
 /// Slots (in `u64`s) of the six syscall arguments and the syscall number in `struct pt_regs`.
 #[cfg(bpf_target_arch = "x86_64")]
@@ -82,4 +84,29 @@ pub fn read_field<T>(base: u64, offset: u32) -> Option<T> {
 #[inline(always)]
 pub fn read_ptr(base: u64, offset: u32) -> Option<u64> {
     read_field::<u64>(base, offset).filter(|&p| p != 0)
+}
+
+/// The kernfs id of `task`'s memory cgroup: `task->cgroups->subsys[memory_cgrp_id]->cgroup->
+/// kn->id`, the inode number of its directory in the memory cgroup hierarchy (v1 or v2);
+/// [`UNKNOWN_VALUE`] if an offset is unknown or a pointer NULL.
+#[inline(always)]
+pub fn memcg_id(task: u64) -> u64 {
+    let o = offsets();
+    read_ptr(task, o.task_cgroups)
+        .and_then(|css_set| read_ptr(css_set, o.css_set_memory_subsys))
+        .and_then(|css| read_ptr(css, o.css_cgroup))
+        .and_then(|cgroup| read_ptr(cgroup, o.cgroup_kn))
+        .and_then(|kn| read_field::<u64>(kn, o.kernfs_node_id))
+        .unwrap_or(UNKNOWN_VALUE)
+}
+
+/// The start time of `task`'s process: its thread group leader's `start_boottime` in
+/// CLOCK_BOOTTIME ns (what `/proc/<pid>/stat` field 22 shows in clock ticks);
+/// [`UNKNOWN_VALUE`] if unknown.
+#[inline(always)]
+pub fn process_start_ns(task: u64) -> u64 {
+    let o = offsets();
+    read_ptr(task, o.task_group_leader)
+        .and_then(|leader| read_field::<u64>(leader, o.task_start_boottime))
+        .unwrap_or(UNKNOWN_VALUE)
 }

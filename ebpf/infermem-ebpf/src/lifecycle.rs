@@ -7,7 +7,7 @@ use aya_ebpf::{
 use infermem_common::{EventKind, Probe};
 
 use crate::{
-    kernel::read_field,
+    kernel::{memcg_id, process_start_ns, read_field},
     maps::{
         FAULTS, PROC_MEMORY, SYSCALL_ARGS, count_event, current_comm, emit, forget_process_memory,
         offsets,
@@ -15,13 +15,21 @@ use crate::{
 };
 
 /// `sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)`:
-/// the process has a new address space, so its old mappings are gone.
+/// the process has a new address space, so its old mappings are gone. Sent for every process,
+/// with its start time and memory cgroup.
 #[btf_tracepoint(function = "sched_process_exec")]
-pub fn sched_process_exec(_ctx: BtfTracePointContext) -> i32 {
+pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let task: u64 = ctx.arg(0);
     forget_process_memory(tgid);
     count_event(Probe::Exec);
-    emit(Probe::Exec, EventKind::Exec, tgid, [0; 6], current_comm());
+    emit(
+        Probe::Exec,
+        EventKind::Exec,
+        tgid,
+        [process_start_ns(task), memcg_id(task), 0, 0, 0, 0],
+        current_comm(),
+    );
     0
 }
 
@@ -57,7 +65,8 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
 }
 
 /// `sched_process_exit(struct task_struct *p[, bool group_dead])`: fires for every exiting
-/// thread; per-process state goes when the whole thread group is dead.
+/// thread; per-process state goes when the whole thread group is dead, and an event is sent
+/// for every process (one per process death), with its start time and memory cgroup.
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -76,8 +85,21 @@ pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
     count_event(Probe::Exit);
     crate::faults::forget_cached(tgid);
     let _ = FAULTS.remove(tgid);
-    if forget_process_memory(tgid) {
-        emit(Probe::Exit, EventKind::Exit, tgid, [0; 6], current_comm());
-    }
+    let had_buckets = forget_process_memory(tgid);
+    let task: u64 = ctx.arg(0);
+    emit(
+        Probe::Exit,
+        EventKind::Exit,
+        tgid,
+        [
+            process_start_ns(task),
+            memcg_id(task),
+            had_buckets as u64,
+            0,
+            0,
+            0,
+        ],
+        current_comm(),
+    );
     0
 }

@@ -43,9 +43,15 @@ pub static BUCKET_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
 pub static PROBE_STATS: PerCpuArray<ProbeStats> =
     PerCpuArray::with_max_entries(Probe::ALL.len() as u32, 0);
 
-/// Rare events for the agent.
+/// Rare events for the agent. 1 MiB holds about 10 000 events: exec and exit of every
+/// process (two per process lifetime) plus large mappings, between two reads of the agent.
 #[map]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(1024 * 1024, 0);
+
+/// OOM kills only: an mmap or fork storm filling [`EVENTS`] can never drop one. 64 KiB holds
+/// about 680 kills.
+#[map]
+pub static OOM_EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 
 /// Set by the agent from the running kernel's BTF before loading.
 #[unsafe(no_mangle)]
@@ -136,11 +142,36 @@ pub fn current_comm() -> [u8; 16] {
     bpf_get_current_comm().unwrap_or([0; 16])
 }
 
-/// Sends a rare event to the agent; counts a drop if the ring buffer is full. Not inlined, so
-/// that its branches do not multiply the verifier's paths through every caller.
+/// Sends a rare event to the agent on [`EVENTS`]; counts a drop if the ring buffer is full.
+/// Not inlined, so that its branches do not multiply the verifier's paths through every caller.
 #[inline(never)]
 pub fn emit(probe: Probe, kind: EventKind, tgid: u32, args: [u64; 6], comm: [u8; 16]) {
-    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+    emit_to(&EVENTS, probe, kind, tgid, args, comm);
+}
+
+/// Sends an OOM kill to the agent on its own ring buffer, [`OOM_EVENTS`].
+#[inline(never)]
+pub fn emit_oom(tgid: u32, args: [u64; 6], comm: [u8; 16]) {
+    emit_to(
+        &OOM_EVENTS,
+        Probe::OomVictim,
+        EventKind::OomVictim,
+        tgid,
+        args,
+        comm,
+    );
+}
+
+#[inline(always)]
+fn emit_to(
+    ring: &RingBuf,
+    probe: Probe,
+    kind: EventKind,
+    tgid: u32,
+    args: [u64; 6],
+    comm: [u8; 16],
+) {
+    let Some(mut entry) = ring.reserve::<Event>(0) else {
         if let Some(s) = stats(probe) {
             s.ringbuf_drops += 1;
         }

@@ -7,11 +7,11 @@
 use aya_ebpf::{
     helpers::bpf_get_current_task, macros::btf_tracepoint, programs::BtfTracePointContext,
 };
-use infermem_common::{EventKind, Probe, UNKNOWN_VALUE};
+use infermem_common::{Probe, UNKNOWN_VALUE};
 
 use crate::{
-    kernel::{read_field, read_ptr},
-    maps::{count_event, emit, offsets},
+    kernel::{memcg_id, read_field, read_ptr},
+    maps::{count_event, emit_oom, offsets},
 };
 
 /// `mark_victim(struct task_struct *task, uid_t uid)`.
@@ -35,13 +35,7 @@ pub fn mark_victim_pid(ctx: BtfTracePointContext) -> i32 {
         report_task(current);
     } else {
         count_event(Probe::OomVictim);
-        emit(
-            Probe::OomVictim,
-            EventKind::OomVictim,
-            pid as u32,
-            [UNKNOWN_VALUE; 6],
-            [0; 16],
-        );
+        emit_oom(pid as u32, [UNKNOWN_VALUE; 6], [0; 16]);
     }
     0
 }
@@ -67,21 +61,17 @@ fn report_task(task: u64) {
         .map(|adj| adj as i64 as u64)
         .unwrap_or(UNKNOWN_VALUE);
 
-    // task->cgroups->subsys[memory_cgrp_id]->cgroup->kn->id: the memcg's kernfs id, which is
-    // the inode number of its directory in the memory cgroup hierarchy (v1 or v2).
-    let memcg_id = read_ptr(task, o.task_cgroups)
-        .and_then(|css_set| read_ptr(css_set, o.css_set_memory_subsys))
-        .and_then(|css| read_ptr(css, o.css_cgroup))
-        .and_then(|cgroup| read_ptr(cgroup, o.cgroup_kn))
-        .and_then(|kn| read_field::<u64>(kn, o.kernfs_node_id))
-        .unwrap_or(UNKNOWN_VALUE);
-
     count_event(Probe::OomVictim);
-    emit(
-        Probe::OomVictim,
-        EventKind::OomVictim,
+    emit_oom(
         tgid as u32,
-        [memcg_id, rss(0), rss(1), rss(2), rss(3), oom_score_adj],
+        [
+            memcg_id(task),
+            rss(0),
+            rss(1),
+            rss(2),
+            rss(3),
+            oom_score_adj,
+        ],
         comm,
     );
 }
