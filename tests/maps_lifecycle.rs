@@ -12,7 +12,7 @@ use std::{
 };
 
 use infermem::probes::{EventDetail, EventReader, ProbeOptions, Probes};
-use infermem_common::Probe;
+use infermem_common::{BucketPolicy, LARGE_MAPPING_BYTES, Probe};
 use infermem_tests::{
     Talker, cgroup::TestCgroup, require_root, scratch_dir, workload_bin, write_file,
 };
@@ -26,7 +26,11 @@ fn a_fork_and_exit_storm_leaves_no_map_entries_behind() {
     let model = dir.join("weights.bin");
     write_file(&model, 4);
 
-    let probes = Probes::load(&ProbeOptions::default()).expect("probes load");
+    // Buckets for the children's 4 MiB files, as inspect gives them.
+    let probes = Probes::load(&small_mappings_with_quota(
+        BucketPolicy::HOST.max_per_process,
+    ))
+    .expect("probes load");
 
     let mut cmd = Command::new(workload_bin());
     cmd.args(["storm", model.to_str().unwrap(), &CHILDREN.to_string()]);
@@ -58,6 +62,45 @@ fn a_fork_and_exit_storm_leaves_no_map_entries_behind() {
     let events = |probe: Probe| stats.iter().find(|(p, _)| *p == probe).unwrap().1;
     assert!(events(Probe::Exit).events >= CHILDREN as u64);
     assert!(events(Probe::Fork).events >= CHILDREN as u64);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Probes that give buckets to every file mapping of at least 1 MiB, up to `quota` per process.
+fn small_mappings_with_quota(quota: u64) -> ProbeOptions {
+    ProbeOptions {
+        buckets: BucketPolicy {
+            min_mapping_bytes: LARGE_MAPPING_BYTES,
+            max_per_process: quota,
+        },
+        ..ProbeOptions::default()
+    }
+}
+
+/// A mapping that would take a process past its bucket quota gets no buckets, and that is
+/// counted, per process and per probe.
+#[test]
+fn a_mapping_over_the_bucket_quota_is_refused_and_counted() {
+    require_root();
+    let dir = scratch_dir("quota");
+    let model = dir.join("weights.bin");
+    write_file(&model, 64);
+    let probes = Probes::load(&small_mappings_with_quota(16)).expect("probes load");
+
+    let mut cmd = Command::new(workload_bin());
+    cmd.args(["map-file", model.to_str().unwrap()]);
+    let mut child = Talker::spawn(cmd);
+    child.expect_event("mapped");
+    let pid = child.pid();
+    let memory = probes
+        .proc_memory(pid)
+        .expect("memory accounting of the workload");
+    assert!(memory.mappings_over_quota >= 1, "{memory:?}");
+    assert!(memory.file_buckets <= 16, "{memory:?}");
+    assert!(probes.occupancy(Some(pid)).file_buckets <= 16);
+    let stats = probes.probe_stats();
+    let sys_exit = stats.iter().find(|(p, _)| *p == Probe::SysExit).unwrap().1;
+    assert!(sys_exit.over_quota >= 1, "{sys_exit:?}");
+    assert!(child.finish().success());
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -126,6 +169,14 @@ fn exec_and_exit_of_any_process_carry_its_start_time_and_memcg() {
     });
     let exit = exit.unwrap_or_else(|| panic!("no exit event of the workload: {events:?}"));
     assert_eq!(exit.comm, "workload");
+    // Its libraries are far below the host-wide policy's model-sized threshold.
+    assert!(events.iter().any(|e| matches!(
+        e,
+        EventDetail::Exit {
+            had_file_mappings: false,
+            ..
+        }
+    )));
     assert_eq!(exit.start_time, Some(start_time), "exit: {exit:?}");
     assert_eq!(exit.memcg_id, Some(memcg), "exit: {exit:?}");
 }

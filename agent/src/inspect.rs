@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use infermem_common::{LARGE_MAPPING_BYTES, Probe};
+use infermem_common::{BucketPolicy, LARGE_MAPPING_BYTES, Probe};
 use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::{
@@ -125,7 +125,7 @@ struct Sample {
 pub async fn inspect(options: &InspectOptions) -> Result<InspectReport, InspectError> {
     let pid = options.pid;
     let identity = process::identity(pid)?;
-    let (mut probes, reason) = match Probes::load(&options.probes) {
+    let (mut probes, reason) = match Probes::load(&inspect_probe_options(&options.probes)) {
         Ok(probes) => (Some(probes), None),
         Err(err) if options.require_ebpf => return Err(InspectError::EbpfRequired(err)),
         Err(err) => {
@@ -506,6 +506,19 @@ fn mapping_report(
     }
 }
 
+/// One process is inspected for a few seconds: every file mapping of at least
+/// [`LARGE_MAPPING_BYTES`] gets fault buckets (as the mappings seeded from /proc do), not only
+/// the host-wide policy's model-sized ones.
+fn inspect_probe_options(options: &ProbeOptions) -> ProbeOptions {
+    ProbeOptions {
+        buckets: BucketPolicy {
+            min_mapping_bytes: LARGE_MAPPING_BYTES,
+            ..options.buckets
+        },
+        ..options.clone()
+    }
+}
+
 fn probe_reports(probes: &Probes) -> Vec<ProbeReport> {
     probes
         .probe_stats()
@@ -523,6 +536,7 @@ fn probe_reports(probes: &Probes) -> Vec<ProbeReport> {
             ringbuf_drops: stats.ringbuf_drops,
             map_drops: stats.map_drops,
             unmatched: stats.unmatched,
+            over_quota: stats.over_quota,
         })
         .collect()
 }

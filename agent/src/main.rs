@@ -152,7 +152,10 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    let probes = ProbeOptions { btf_path: cli.btf };
+    let probes = ProbeOptions {
+        btf_path: cli.btf,
+        ..ProbeOptions::default()
+    };
     match cli.command {
         Command::Inspect {
             pid,

@@ -19,8 +19,8 @@ use aya::{
     programs::BtfTracePoint,
 };
 use infermem_common::{
-    BUCKET_SHIFT, BucketKey, FaultCache, FaultCounters, FileBucket, KernelOffsets, Probe,
-    ProbeStats, ProcMemory, SyscallArgs, SyscallNumbers, global_names, map_names,
+    BUCKET_SHIFT, BucketKey, BucketPolicy, FaultCache, FaultCounters, FileBucket, KernelOffsets,
+    Probe, ProbeStats, ProcMemory, SyscallArgs, SyscallNumbers, global_names, map_names,
 };
 
 pub use events::{EventDetail, KernelEvent, OomVictim, ProcessInfo};
@@ -68,12 +68,15 @@ pub enum ProbeError {
 pub struct ProbeOptions {
     /// Kernel BTF to resolve tracepoints and structure offsets with.
     pub btf_path: PathBuf,
+    /// Which file mappings get fault buckets; [`BucketPolicy::HOST`] by default.
+    pub buckets: BucketPolicy,
 }
 
 impl Default for ProbeOptions {
     fn default() -> Self {
         ProbeOptions {
             btf_path: PathBuf::from(DEFAULT_BTF_PATH),
+            buckets: BucketPolicy::HOST,
         }
     }
 }
@@ -123,6 +126,7 @@ impl Probes {
             .btf(Some(&kernel.aya))
             .override_global(global_names::KERNEL_OFFSETS, &kernel.offsets, true)
             .override_global(global_names::SYSCALL_NUMBERS, &syscalls, true)
+            .override_global(global_names::BUCKET_POLICY, &options.buckets, true)
             .load(PROBES_OBJECT)
             .map_err(|e| ProbeError::Load(Box::new(e)))?;
 
@@ -288,6 +292,7 @@ impl Probes {
                                 ringbuf_drops: s.ringbuf_drops + c.ringbuf_drops,
                                 map_drops: s.map_drops + c.map_drops,
                                 unmatched: s.unmatched + c.unmatched,
+                                over_quota: s.over_quota + c.over_quota,
                             })
                     })
                     .unwrap_or_default();

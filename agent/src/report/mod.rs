@@ -140,6 +140,9 @@ pub struct ProbeReport {
     pub ringbuf_drops: u64,
     pub map_drops: u64,
     pub unmatched: u64,
+    /// File mappings given no fault buckets because their process had used up its quota.
+    #[serde(default)]
+    pub over_quota: u64,
 }
 
 /// An OOM kill, as reported when the inspected process is killed during sampling.

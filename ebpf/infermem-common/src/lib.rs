@@ -13,6 +13,33 @@ pub const BUCKET_SHIFT: u32 = 21;
 /// anonymous mappings and heap changes at least this large get an event.
 pub const LARGE_MAPPING_BYTES: u64 = 1 << 20;
 
+/// Who gets fault buckets: only file mappings large enough to be model files, and only up to
+/// a quota per process, so that no process (a single sparse mmap of a huge file) can fill the
+/// host-wide bucket map. Set by the agent before loading; mappings refused for the quota are
+/// counted ([`ProbeStats::over_quota`], [`ProcMemory::mappings_over_quota`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BucketPolicy {
+    /// File mappings smaller than this get no buckets (their faults count as "other").
+    /// Mappings below [`LARGE_MAPPING_BYTES`] never do.
+    pub min_mapping_bytes: u64,
+    /// The most buckets one process may own; a mapping that would pass it gets none.
+    pub max_per_process: u64,
+}
+
+impl BucketPolicy {
+    /// For watching the whole host: model weights are files of tens of MiB at the very least
+    /// (a 4-bit 100M-parameter model is about 60 MiB), while the libraries every process maps
+    /// (ld.so reserves a library's whole span with one file mmap) are mostly smaller, so
+    /// 64 MiB keeps buckets for models. 65 536 buckets (128 GiB of mapped files) per process
+    /// fits the largest quantised models run on one host, and caps any one process at a
+    /// quarter of the 256 Ki-bucket map.
+    pub const HOST: BucketPolicy = BucketPolicy {
+        min_mapping_bytes: 64 << 20,
+        max_per_process: 1 << 16,
+    };
+}
+
 /// The most buckets one mapping may claim (2^20 buckets = 2 TiB), bounding the insert loop.
 pub const MAX_BUCKETS_PER_MAPPING: u32 = 1 << 20;
 
@@ -45,6 +72,8 @@ pub mod global_names {
     pub const KERNEL_OFFSETS: &str = "KERNEL_OFFSETS";
     /// [`crate::SyscallNumbers`] of the running architecture.
     pub const SYSCALL_NUMBERS: &str = "SYSCALL_NUMBERS";
+    /// The [`crate::BucketPolicy`].
+    pub const BUCKET_POLICY: &str = "BUCKET_POLICY";
 }
 
 /// Per-process fault counters.
@@ -101,6 +130,8 @@ pub struct ProcMemory {
     pub brk_shrink_bytes: u64,
     /// Memory syscalls that returned an error.
     pub failed_calls: u64,
+    /// Large file mappings given no buckets because the process's quota was used up.
+    pub mappings_over_quota: u64,
 }
 
 /// Key of [`map_names::FILE_BUCKETS`]: a process and a 2 MiB bucket of its address space.
@@ -200,6 +231,9 @@ pub struct ProbeStats {
     pub map_drops: u64,
     /// Syscall exits with no saved entry (the probe attached mid-call, or the entry was evicted).
     pub unmatched: u64,
+    /// File mappings refused fault buckets because their process would pass its quota
+    /// ([`BucketPolicy::max_per_process`]).
+    pub over_quota: u64,
 }
 
 /// Field offsets inside kernel structures, resolved by the agent from the running kernel's
@@ -375,5 +409,6 @@ mod pod {
     unsafe impl aya::Pod for ProbeStats {}
     unsafe impl aya::Pod for KernelOffsets {}
     unsafe impl aya::Pod for SyscallNumbers {}
+    unsafe impl aya::Pod for BucketPolicy {}
     unsafe impl aya::Pod for Event {}
 }

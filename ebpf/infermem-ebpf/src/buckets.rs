@@ -34,7 +34,8 @@ struct RangeOp {
     changed: u64,
 }
 
-fn bucket_count(start: u64, end: u64) -> u32 {
+/// The buckets `[start, end)` spans, at most `MAX_BUCKETS_PER_MAPPING`.
+pub fn bucket_count(start: u64, end: u64) -> u32 {
     if end <= start {
         return 0;
     }

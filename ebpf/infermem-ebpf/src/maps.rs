@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use infermem_common::{
-    BucketKey, Event, EventKind, FaultCache, FaultCounters, FileBucket, KernelOffsets, Probe,
-    ProbeStats, ProcMemory, SyscallArgs, SyscallNumbers,
+    BucketKey, BucketPolicy, Event, EventKind, FaultCache, FaultCounters, FileBucket,
+    KernelOffsets, Probe, ProbeStats, ProcMemory, SyscallArgs, SyscallNumbers,
 };
 
 /// Per-process fault counters, fed from [`FAULT_CACHE`]; LRU so that a fork storm evicts
@@ -60,6 +60,17 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets::UNKNOWN;
 /// Set by the agent for the running architecture before loading.
 #[unsafe(no_mangle)]
 static SYSCALL_NUMBERS: SyscallNumbers = SyscallNumbers::X86_64;
+
+/// Set by the agent before loading: who gets file buckets.
+#[unsafe(no_mangle)]
+static BUCKET_POLICY: BucketPolicy = BucketPolicy::HOST;
+
+/// The bucket policy the agent set.
+#[inline(always)]
+pub fn bucket_policy() -> &'static BucketPolicy {
+    // SAFETY: as for `offsets`.
+    unsafe { &*core::ptr::read_volatile(&&BUCKET_POLICY) }
+}
 
 /// The kernel offsets the agent resolved (a constant to the verifier: `.rodata` is frozen).
 #[inline(always)]

@@ -12,8 +12,8 @@ use crate::{
     buckets,
     kernel::{atomic_add, syscall_args, syscall_nr},
     maps::{
-        SYSCALL_ARGS, bump_bucket_epoch, count_event, count_map_drop, emit, proc_memory, stats,
-        syscall_numbers,
+        SYSCALL_ARGS, bucket_policy, bump_bucket_epoch, count_event, count_map_drop, emit,
+        proc_memory, stats, syscall_numbers,
     },
 };
 
@@ -214,7 +214,22 @@ fn on_brk(tgid: u32, memory: &mut ProcMemory, new_brk: u64) {
 // Not inlined: a separate subprogram keeps the verifier's path count linear.
 #[inline(never)]
 fn add_file_mapping(tgid: u32, memory: &mut ProcMemory, addr: u64, len: u64) {
-    if buckets::insert(tgid, memory, addr, addr.saturating_add(len)) {
+    let policy = bucket_policy();
+    if len < policy.min_mapping_bytes {
+        return;
+    }
+    // Racy between threads of one process mapping at the same instant: the quota can be
+    // passed by one mapping per such thread, which keeps it a bound.
+    let end = addr.saturating_add(len);
+    if memory.file_buckets + buckets::bucket_count(addr, end) as u64 > policy.max_per_process {
+        // SAFETY: a pointer into a valid map value.
+        unsafe { atomic_add(&mut memory.mappings_over_quota, 1) };
+        if let Some(s) = stats(Probe::SysExit) {
+            s.over_quota += 1;
+        }
+        return;
+    }
+    if buckets::insert(tgid, memory, addr, end) {
         bump_bucket_epoch();
     }
 }
