@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use infermem_common::{BucketPolicy, LARGE_MAPPING_BYTES, Probe};
+use infermem_common::{BucketPolicy, FaultCounters, FaultEntry, LARGE_MAPPING_BYTES, Probe};
 use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::{
@@ -115,9 +115,67 @@ impl InspectError {
 /// Counter readings at one instant.
 struct Sample {
     at: Instant,
+    /// CLOCK_MONOTONIC at `at`, the probes' clock.
+    monotonic_ns: u64,
     procfs: ProcessCounters,
-    /// eBPF: (all faults, file faults); None without eBPF.
-    ebpf: Option<(u64, u64)>,
+    /// eBPF: the process's fault counters (None: no entry); None without eBPF.
+    ebpf: Option<Option<FaultEntry>>,
+}
+
+/// eBPF fault counts over a window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct FaultWindow {
+    total: u64,
+    file: u64,
+    window_s: f64,
+    /// The counters restarted (evicted, then re-created) inside the window.
+    reset: bool,
+}
+
+/// The eBPF fault counts between `start` and `end`, which are `window_s` apart and end at
+/// `end_ns` (CLOCK_MONOTONIC). Counters re-created in between (an LRU eviction) restart the
+/// window at their creation; counters gone at the end (evicted, not re-created) give None.
+fn fault_window(
+    (start, end): (Option<FaultEntry>, Option<FaultEntry>),
+    window_s: f64,
+    end_ns: u64,
+) -> Option<FaultWindow> {
+    let Some(end) = end else {
+        return start.is_none().then_some(FaultWindow {
+            total: 0,
+            file: 0,
+            window_s,
+            reset: false,
+        });
+    };
+    let (base, window_s, reset) = match start {
+        Some(start) if start.created_ns == end.created_ns => (start.counters, window_s, false),
+        Some(_) => {
+            let since = end_ns.saturating_sub(end.created_ns) as f64 / 1e9;
+            (FaultCounters::default(), since.clamp(1e-9, window_s), true)
+        }
+        // First fault since attach within the window: it all happened inside it.
+        None => (FaultCounters::default(), window_s, false),
+    };
+    let total = end.counters.faults.saturating_sub(base.faults);
+    let file = end.counters.file_faults.saturating_sub(base.file_faults);
+    Some(FaultWindow {
+        total,
+        file: file.min(total),
+        window_s,
+        reset,
+    })
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 /// Inspects one process. Without eBPF (no privileges, no BTF) it falls back to procfs and
@@ -245,12 +303,10 @@ fn fault_probes(probes: Option<&Probes>) -> Option<&Probes> {
 
 fn sample(identity: &ProcessIdentity, probes: Option<&Probes>) -> Result<Sample, CollectError> {
     let procfs = process::counters(identity)?;
-    let ebpf = fault_probes(probes).map(|p| {
-        p.fault_counters(identity.pid)
-            .map_or((0, 0), |c| (c.faults, c.file_faults))
-    });
+    let ebpf = fault_probes(probes).map(|p| p.fault_counters(identity.pid));
     Ok(Sample {
         at: Instant::now(),
+        monotonic_ns: monotonic_ns(),
         procfs,
         ebpf,
     })
@@ -296,6 +352,43 @@ pub fn oom_kill_report(pid: u32, victim: &OomVictim) -> OomKillReport {
     }
 }
 
+/// Fault counts and rates over the window: from the probes when they count faults, from
+/// /proc otherwise (and when the probes' counters were evicted and not re-created).
+fn fault_report((start, end): (&Sample, &Sample), window: f64) -> FaultReport {
+    let major = end
+        .procfs
+        .major_faults
+        .saturating_sub(start.procfs.major_faults);
+    let ebpf = start.ebpf.zip(end.ebpf);
+    match ebpf.and_then(|counters| fault_window(counters, window, end.monotonic_ns)) {
+        Some(w) => FaultReport {
+            window_s: w.window_s,
+            total_per_s: w.total as f64 / w.window_s,
+            file_per_s: Some(w.file as f64 / w.window_s),
+            anon_per_s: Some((w.total - w.file) as f64 / w.window_s),
+            total: w.total,
+            file: Some(w.file),
+            anon: Some(w.total - w.file),
+            major_per_s: major as f64 / window,
+            reset: w.reset,
+        },
+        None => {
+            let total = end.procfs.faults.saturating_sub(start.procfs.faults);
+            FaultReport {
+                window_s: window,
+                total_per_s: total as f64 / window,
+                file_per_s: None,
+                anon_per_s: None,
+                total,
+                file: None,
+                anon: None,
+                major_per_s: major as f64 / window,
+                reset: ebpf.is_some(),
+            }
+        }
+    }
+}
+
 fn build_report(
     state: &ProcessState,
     probes: Option<&Probes>,
@@ -307,7 +400,6 @@ fn build_report(
     let pid = state.identity.pid;
     let identity = process::identity(pid)?;
     let window = end.at.duration_since(start.at).as_secs_f64().max(1e-9);
-    let rate = |count: u64| count as f64 / window;
 
     let usage = memory::usage(pid)?;
     let vmas = maps::vmas(pid, true)?;
@@ -317,37 +409,7 @@ fn build_report(
         .map(|file| mapping_report(file, probes, pid, start_mapping_faults, window))
         .collect();
 
-    let procfs_faults = end.procfs.faults.saturating_sub(start.procfs.faults);
-    let major = end
-        .procfs
-        .major_faults
-        .saturating_sub(start.procfs.major_faults);
-    let faults = match (start.ebpf, end.ebpf) {
-        (Some((total0, file0)), Some((total1, file1))) => {
-            let total = total1.saturating_sub(total0);
-            let file = file1.saturating_sub(file0).min(total);
-            FaultReport {
-                window_s: window,
-                total_per_s: rate(total),
-                file_per_s: Some(rate(file)),
-                anon_per_s: Some(rate(total - file)),
-                total,
-                file: Some(file),
-                anon: Some(total - file),
-                major_per_s: rate(major),
-            }
-        }
-        _ => FaultReport {
-            window_s: window,
-            total_per_s: rate(procfs_faults),
-            file_per_s: None,
-            anon_per_s: None,
-            total: procfs_faults,
-            file: None,
-            anon: None,
-            major_per_s: rate(major),
-        },
-    };
+    let faults = fault_report((start, end), window);
 
     let proc = crate::collect::open(pid)?;
     let oom = OomReport {
@@ -539,4 +601,42 @@ fn probe_reports(probes: &Probes) -> Vec<ProbeReport> {
             over_quota: stats.over_quota,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(faults: u64, file_faults: u64, created_ns: u64) -> Option<FaultEntry> {
+        Some(FaultEntry {
+            counters: FaultCounters {
+                faults,
+                file_faults,
+            },
+            created_ns,
+        })
+    }
+
+    #[test]
+    fn counters_of_one_lifetime_give_the_difference_over_the_whole_window() {
+        let w = fault_window((entry(10, 4, 1), entry(30, 9, 1)), 2.0, 5_000_000_000).unwrap();
+        assert_eq!((w.total, w.file, w.window_s, w.reset), (20, 5, 2.0, false));
+        // No entry at the start: every fault came inside the window.
+        let w = fault_window((None, entry(7, 0, 4)), 2.0, 5_000_000_000).unwrap();
+        assert_eq!((w.total, w.window_s, w.reset), (7, 2.0, false));
+    }
+
+    #[test]
+    fn a_reset_restarts_the_window_at_the_new_entry_instead_of_a_negative_rate() {
+        // Evicted with 1000 faults, re-created 0.5 s before the end, 40 faults since.
+        let w = fault_window(
+            (entry(1000, 0, 1), entry(40, 0, 4_500_000_000)),
+            2.0,
+            5_000_000_000,
+        )
+        .unwrap();
+        assert_eq!((w.total, w.window_s, w.reset), (40, 0.5, true));
+        // Evicted and not re-created yet: the counts are unknown.
+        assert_eq!(fault_window((entry(1000, 0, 1), None), 2.0, 5), None);
+    }
 }

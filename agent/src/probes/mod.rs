@@ -19,8 +19,9 @@ use aya::{
     programs::BtfTracePoint,
 };
 use infermem_common::{
-    BUCKET_SHIFT, BucketKey, BucketPolicy, FaultCache, FaultCounters, FileBucket, KernelOffsets,
-    Probe, ProbeStats, ProcMemory, SyscallArgs, SyscallNumbers, global_names, map_names,
+    BUCKET_SHIFT, BucketKey, BucketPolicy, FaultCache, FaultCounters, FaultEntry, FaultEntryCount,
+    FileBucket, KernelOffsets, Probe, ProbeStats, ProcMemory, SyscallArgs, SyscallNumbers,
+    global_names, map_names,
 };
 
 pub use events::{EventDetail, KernelEvent, OomVictim, ProcessInfo};
@@ -94,7 +95,8 @@ pub struct MapOccupancy {
 pub struct Probes {
     /// Owns the programs and their links; dropping it detaches everything.
     _ebpf: Ebpf,
-    faults: HashMap<MapData, u32, FaultCounters>,
+    faults: HashMap<MapData, u32, FaultEntry>,
+    fault_entries: PerCpuArray<MapData, u64>,
     fault_cache: PerCpuArray<MapData, FaultCache>,
     memory: HashMap<MapData, u32, ProcMemory>,
     buckets: HashMap<MapData, BucketKey, FileBucket>,
@@ -145,6 +147,8 @@ impl Probes {
         let mut take = |name: &'static str| ebpf.take_map(name).ok_or(ProbeError::Map(name));
         let faults = HashMap::try_from(take(map_names::FAULTS)?)
             .map_err(|_| ProbeError::Map(map_names::FAULTS))?;
+        let fault_entries = PerCpuArray::try_from(take(map_names::FAULT_ENTRIES)?)
+            .map_err(|_| ProbeError::Map(map_names::FAULT_ENTRIES))?;
         let fault_cache = PerCpuArray::try_from(take(map_names::FAULT_CACHE)?)
             .map_err(|_| ProbeError::Map(map_names::FAULT_CACHE))?;
         let memory = HashMap::try_from(take(map_names::PROC_MEMORY)?)
@@ -164,6 +168,7 @@ impl Probes {
         Ok(Probes {
             _ebpf: ebpf,
             faults,
+            fault_entries,
             fault_cache,
             memory,
             buckets,
@@ -198,19 +203,37 @@ impl Probes {
         &self.offsets
     }
 
-    /// Fault counters of `tgid`, including counts still cached per CPU; None if the process
-    /// has not faulted since the probes were attached.
-    pub fn fault_counters(&self, tgid: u32) -> Option<FaultCounters> {
+    /// Fault counters of `tgid`, including counts still cached per CPU, and when they were
+    /// created: two readings with different `created_ns` straddle an eviction (the counters
+    /// restarted from zero then). None if the process has not faulted since the probes were
+    /// attached, or its entry was evicted and it has not switched CPUs since.
+    pub fn fault_counters(&self, tgid: u32) -> Option<FaultEntry> {
         let folded = self.faults.get(&tgid, 0).ok()?;
         let caches = self.fault_cache.get(&0, 0).ok();
         let pending = caches
             .iter()
             .flat_map(|per_cpu| per_cpu.iter())
             .filter(|cache| cache.tgid == tgid);
-        Some(pending.fold(folded, |sum, cache| FaultCounters {
+        let counters = pending.fold(folded.counters, |sum, cache| FaultCounters {
             faults: sum.faults + cache.pending.faults,
             file_faults: sum.file_faults + cache.pending.file_faults,
-        }))
+        });
+        Some(FaultEntry { counters, ..folded })
+    }
+
+    /// Fault-counter entries evicted from the LRU map so far: created − removed (at exit) −
+    /// live. A snapshot of three moving counts, so it may be off by the entries created or
+    /// removed while it is read.
+    pub fn fault_evictions(&self) -> u64 {
+        let count = |which: FaultEntryCount| -> u64 {
+            self.fault_entries
+                .get(&(which as u32), 0)
+                .map_or(0, |per_cpu| per_cpu.iter().sum())
+        };
+        let live = self.faults.keys().flatten().count() as u64;
+        count(FaultEntryCount::Created)
+            .saturating_sub(count(FaultEntryCount::Removed))
+            .saturating_sub(live)
     }
 
     /// Memory-syscall accounting of `tgid`, if it made a memory syscall since attach.
@@ -517,15 +540,9 @@ pub fn effective_capabilities() -> io::Result<u64> {
 mod tests {
     use super::*;
 
-    /// Loads the real probes into the running kernel (needs root, as in CI) and checks that
-    /// faults of this very process are counted.
-    #[test]
-    fn loads_attaches_and_counts_our_faults() {
-        let probes = Probes::load(&ProbeOptions::default()).expect("probes load as root");
-        let me = std::process::id();
-        let before = probes.fault_counters(me).map_or(0, |c| c.faults);
-        // Fresh anonymous pages (not malloc, which may reuse pages already touched).
-        let len = 8 << 20;
+    /// Touches `pages` fresh anonymous pages (one fault each).
+    fn fault_pages(pages: usize) {
+        let len = pages * 4096;
         // SAFETY: a private anonymous mapping we unmap below.
         let block = unsafe {
             libc::mmap(
@@ -538,20 +555,61 @@ mod tests {
             )
         };
         assert_ne!(block, libc::MAP_FAILED);
-        // One fault per 4 KiB page, even where transparent huge pages are on by default
-        // (Debian's kernels: 2 MiB faults would count one per 512 pages).
-        // SAFETY: advice on the mapping we own.
-        assert_eq!(
-            unsafe { libc::madvise(block, len, libc::MADV_NOHUGEPAGE) },
-            0
-        );
-        for page in 0..len / 4096 {
-            // SAFETY: inside the mapping.
-            unsafe { std::ptr::write_volatile((block as *mut u8).add(page * 4096), 1) };
+        // SAFETY: advice on, writes into, and unmapping of the mapping we own.
+        unsafe {
+            assert_eq!(libc::madvise(block, len, libc::MADV_NOHUGEPAGE), 0);
+            for page in 0..pages {
+                std::ptr::write_volatile((block as *mut u8).add(page * 4096), 1);
+            }
+            libc::munmap(block, len);
         }
-        // SAFETY: unmapping what we mapped.
-        unsafe { libc::munmap(block, len) };
-        let after = probes.fault_counters(me).expect("we faulted").faults;
+    }
+
+    /// An entry that leaves the LRU map (removed here as an eviction would) is re-created
+    /// with a new creation time, and counted as evicted.
+    #[test]
+    fn an_evicted_fault_entry_comes_back_with_a_new_creation_time_and_is_counted() {
+        let mut probes = Probes::load(&ProbeOptions::default()).expect("probes load as root");
+        let me = std::process::id();
+        // Stay on CPU 0, so that another process faulting there makes us switch back.
+        // SAFETY: a zeroed cpu_set_t with CPU 0 set, for this thread.
+        unsafe {
+            let mut cpus: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut cpus);
+            assert_eq!(libc::sched_setaffinity(0, size_of_val(&cpus), &cpus), 0);
+        }
+        fault_pages(64);
+        let before = probes.fault_counters(me).expect("we faulted");
+        let evictions = probes.fault_evictions();
+        probes.faults.remove(&me).expect("our entry exists");
+        // Another process faults on CPU 0 (so it owns the CPU's cache), then we fault again.
+        // (A child inherits this thread's affinity.)
+        let status = std::process::Command::new("true")
+            .status()
+            .expect("run true");
+        assert!(status.success());
+        fault_pages(64);
+        let after = probes.fault_counters(me).expect("re-created");
+        assert!(after.created_ns > before.created_ns, "{before:?} {after:?}");
+        assert!(probes.fault_evictions() > evictions);
+    }
+
+    /// Loads the real probes into the running kernel (needs root, as in CI) and checks that
+    /// faults of this very process are counted.
+    #[test]
+    fn loads_attaches_and_counts_our_faults() {
+        let probes = Probes::load(&ProbeOptions::default()).expect("probes load as root");
+        let me = std::process::id();
+        let before = probes.fault_counters(me).map_or(0, |c| c.counters.faults);
+        // Fresh anonymous pages (not malloc, which may reuse pages already touched), one
+        // fault per 4 KiB page even where transparent huge pages are on by default (Debian's
+        // kernels: 2 MiB faults would count one per 512 pages).
+        fault_pages(2048);
+        let after = probes
+            .fault_counters(me)
+            .expect("we faulted")
+            .counters
+            .faults;
         assert!(after - before >= 2048, "counted {} faults", after - before);
         assert!(
             probes

@@ -96,6 +96,12 @@ pub struct FaultReport {
     pub anon: Option<u64>,
     /// Major faults (read from disk) per second, from /proc.
     pub major_per_s: f64,
+    /// The probes' fault counters of the process were evicted (LRU map full) during the
+    /// window and restarted from zero: the eBPF counts and rates then cover only the last
+    /// `window_s` since the restart, or, not restarted yet, come from /proc (file and anon
+    /// null). A reset is never reported as a rate over the whole window.
+    #[serde(default)]
+    pub reset: bool,
 }
 
 /// The OOM killer's view of the process.

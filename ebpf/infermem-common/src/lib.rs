@@ -45,8 +45,11 @@ pub const MAX_BUCKETS_PER_MAPPING: u32 = 1 << 20;
 
 /// Names of the BPF maps, as the agent looks them up.
 pub mod map_names {
-    /// Per-process fault counters ([`crate::FaultCounters`]), keyed by tgid.
+    /// Per-process fault counters ([`crate::FaultEntry`]), keyed by tgid; an LRU map.
     pub const FAULTS: &str = "FAULTS";
+    /// Per-CPU counts of [`map_names::FAULTS`] entries created and removed, indexed by
+    /// [`crate::FaultEntryCount`]: with the live entries, they give the evictions.
+    pub const FAULT_ENTRIES: &str = "FAULT_ENTRIES";
     /// Per-CPU [`crate::FaultCache`] (one entry).
     pub const FAULT_CACHE: &str = "FAULT_CACHE";
     /// Per-process syscall accounting ([`crate::ProcMemory`]), keyed by tgid.
@@ -84,6 +87,27 @@ pub struct FaultCounters {
     pub faults: u64,
     /// Faults whose address lies in a large file mapping (a model file, typically).
     pub file_faults: u64,
+}
+
+/// A process's entry in [`map_names::FAULTS`]. The map is an LRU: an entry evicted (a full
+/// map, a fork storm) is re-created from zero at the process's next fault, and its new
+/// `created_ns` tells a reader that the counters restarted rather than went down.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultEntry {
+    pub counters: FaultCounters,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the entry was created.
+    pub created_ns: u64,
+}
+
+/// Indexes of [`map_names::FAULT_ENTRIES`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultEntryCount {
+    /// Entries created (a process's first fault, or its first after an eviction).
+    Created = 0,
+    /// Entries removed when their process died.
+    Removed = 1,
 }
 
 /// Each CPU's fault counts for the process that faulted last on it. Faults come in bursts
@@ -402,6 +426,7 @@ mod pod {
     // SAFETY: all of these are #[repr(C)] structs of plain integers with explicit padding.
     unsafe impl aya::Pod for FaultCounters {}
     unsafe impl aya::Pod for FaultCache {}
+    unsafe impl aya::Pod for FaultEntry {}
     unsafe impl aya::Pod for ProcMemory {}
     unsafe impl aya::Pod for BucketKey {}
     unsafe impl aya::Pod for FileBucket {}

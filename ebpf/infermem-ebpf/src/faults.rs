@@ -8,14 +8,19 @@
 //! 2 MiB bucket.
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST, helpers::bpf_get_current_pid_tgid, macros::btf_tracepoint,
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_pid_tgid, generated::bpf_ktime_get_ns},
+    macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use infermem_common::{FaultCache, FaultCounters, Probe};
+use infermem_common::{FaultCache, FaultCounters, FaultEntry, FaultEntryCount, Probe};
 
 use crate::{
     kernel::atomic_add,
-    maps::{FAULT_CACHE, FAULTS, PROC_MEMORY, bucket_epoch, count_map_drop, file_bucket_at, stats},
+    maps::{
+        FAULT_CACHE, FAULTS, PROC_MEMORY, bucket_epoch, count_fault_entry, count_map_drop,
+        file_bucket_at, stats,
+    },
 };
 
 /// `page_fault_user(unsigned long address, struct pt_regs *regs, unsigned long error_code)`.
@@ -59,13 +64,17 @@ fn switch_process(cache: &mut FaultCache, tgid: u32) {
     flush(cache);
     // Create the new process's entry now, so that flushes only ever add to live processes
     // (exit deletes the entry; a late flush for a dead process then finds nothing).
-    if FAULTS.get_ptr(tgid).is_none()
-        && FAULTS
-            .insert(tgid, FaultCounters::default(), BPF_NOEXIST as u64)
-            .is_err()
-        && FAULTS.get_ptr(tgid).is_none()
-    {
-        count_map_drop(Probe::PageFault);
+    if FAULTS.get_ptr(tgid).is_none() {
+        let entry = FaultEntry {
+            counters: FaultCounters::default(),
+            // SAFETY: a helper with no preconditions.
+            created_ns: unsafe { bpf_ktime_get_ns() },
+        };
+        if FAULTS.insert(tgid, entry, BPF_NOEXIST as u64).is_ok() {
+            count_fault_entry(FaultEntryCount::Created);
+        } else if FAULTS.get_ptr(tgid).is_none() {
+            count_map_drop(Probe::PageFault);
+        }
     }
     cache.tgid = tgid;
     // Force a gate refresh for the new process.
@@ -81,11 +90,11 @@ fn flush(cache: &mut FaultCache) {
     if cache.tgid == 0 || pending.faults == 0 {
         return;
     }
-    if let Some(counters) = FAULTS.get_ptr_mut(cache.tgid) {
+    if let Some(entry) = FAULTS.get_ptr_mut(cache.tgid) {
         // SAFETY: a pointer into a valid map value, shared across CPUs.
         unsafe {
-            atomic_add(&mut (*counters).faults, pending.faults);
-            atomic_add(&mut (*counters).file_faults, pending.file_faults);
+            atomic_add(&mut (*entry).counters.faults, pending.faults);
+            atomic_add(&mut (*entry).counters.file_faults, pending.file_faults);
         }
     }
     if let Some(s) = stats(Probe::PageFault) {

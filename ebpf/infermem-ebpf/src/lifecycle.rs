@@ -4,13 +4,13 @@
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid, macros::btf_tracepoint, programs::BtfTracePointContext,
 };
-use infermem_common::{EventKind, Probe};
+use infermem_common::{EventKind, FaultEntryCount, Probe};
 
 use crate::{
     kernel::{memcg_id, process_start_ns, read_field},
     maps::{
-        FAULTS, PROC_MEMORY, SYSCALL_ARGS, count_event, current_comm, emit, forget_process_memory,
-        offsets,
+        FAULTS, PROC_MEMORY, SYSCALL_ARGS, count_event, count_fault_entry, current_comm, emit,
+        forget_process_memory, offsets,
     },
 };
 
@@ -84,7 +84,9 @@ pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
     }
     count_event(Probe::Exit);
     crate::faults::forget_cached(tgid);
-    let _ = FAULTS.remove(tgid);
+    if FAULTS.remove(tgid).is_ok() {
+        count_fault_entry(FaultEntryCount::Removed);
+    }
     let had_buckets = forget_process_memory(tgid);
     let task: u64 = ctx.arg(0);
     emit(

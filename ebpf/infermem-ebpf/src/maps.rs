@@ -7,14 +7,18 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use infermem_common::{
-    BucketKey, BucketPolicy, Event, EventKind, FaultCache, FaultCounters, FileBucket,
+    BucketKey, BucketPolicy, Event, EventKind, FaultCache, FaultEntry, FaultEntryCount, FileBucket,
     KernelOffsets, Probe, ProbeStats, ProcMemory, SyscallArgs, SyscallNumbers,
 };
 
 /// Per-process fault counters, fed from [`FAULT_CACHE`]; LRU so that a fork storm evicts
-/// instead of failing.
+/// instead of failing (see `FaultEntry::created_ns`).
 #[map]
-pub static FAULTS: LruHashMap<u32, FaultCounters> = LruHashMap::with_max_entries(16384, 0);
+pub static FAULTS: LruHashMap<u32, FaultEntry> = LruHashMap::with_max_entries(16384, 0);
+
+/// Entries of [`FAULTS`] created and removed (per CPU), from which the agent counts evictions.
+#[map]
+pub static FAULT_ENTRIES: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 
 /// Per-CPU fault counts of the process that faulted last on each CPU.
 #[map]
@@ -101,6 +105,15 @@ pub fn stats(probe: Probe) -> Option<&'static mut ProbeStats> {
 pub fn count_event(probe: Probe) {
     if let Some(s) = stats(probe) {
         s.events += 1;
+    }
+}
+
+/// Counts a [`FAULTS`] entry created or removed.
+#[inline(always)]
+pub fn count_fault_entry(which: FaultEntryCount) {
+    if let Some(count) = FAULT_ENTRIES.get_ptr_mut(which as u32) {
+        // SAFETY: per-CPU storage, only touched by programs running on this CPU.
+        unsafe { *count += 1 };
     }
 }
 
