@@ -5,6 +5,7 @@
 //! own: a probe this kernel cannot run is listed in [`Probes::unavailable`] and turns off only
 //! the features that depend on it ([`lost_features`]).
 
+mod batch;
 pub mod events;
 pub mod offsets;
 
@@ -15,7 +16,7 @@ use std::{
 
 use aya::{
     Btf, Ebpf, EbpfLoader, Endianness,
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, IterableMap as _, MapData, PerCpuArray, RingBuf},
     programs::BtfTracePoint,
 };
 use infermem_common::{
@@ -243,7 +244,27 @@ impl Probes {
 
     /// Faults recorded in the buckets of `tgid` that cover the address `ranges` (the areas
     /// of one mapped file); each bucket counts once even if several ranges share it.
+    ///
+    /// The bucket map is read whole with `BPF_MAP_LOOKUP_BATCH`: a few syscalls for the
+    /// thousands of buckets model-sized mappings hold, where a lookup per 2 MiB bucket took
+    /// 20 000 syscalls for a 40 GiB model. Without batch support (before Linux 5.6), one
+    /// lookup per bucket of `ranges`.
     pub fn mapping_faults(&self, tgid: u32, ranges: &[(u64, u64)]) -> u64 {
+        let covers = |b: &FileBucket| ranges.iter().any(|&(s, e)| b.start < e && b.end > s);
+        let buckets: Vec<FileBucket> =
+            match batch::lookup_all::<BucketKey, FileBucket>(self.buckets.map()) {
+                Ok(all) => all
+                    .into_iter()
+                    .filter(|(key, _)| key.tgid == tgid)
+                    .map(|(_, bucket)| bucket)
+                    .collect(),
+                Err(_) => self.buckets_of(tgid, ranges),
+            };
+        buckets.iter().filter(|b| covers(b)).map(|b| b.faults).sum()
+    }
+
+    /// The buckets of `tgid` spanned by `ranges`, one lookup each.
+    fn buckets_of(&self, tgid: u32, ranges: &[(u64, u64)]) -> Vec<FileBucket> {
         let buckets: std::collections::BTreeSet<u64> = ranges
             .iter()
             .flat_map(|&(start, end)| bucket_range(start, end))
@@ -251,13 +272,7 @@ impl Probes {
         buckets
             .into_iter()
             .filter_map(|bucket| self.buckets.get(&bucket_key(tgid, bucket), 0).ok())
-            .filter(|b| {
-                ranges
-                    .iter()
-                    .any(|&(start, end)| b.start < end && b.end > start)
-            })
-            .map(|b| b.faults)
-            .sum()
+            .collect()
     }
 
     /// Records an existing large file mapping of `tgid` (found in /proc at start-up), so that
@@ -563,6 +578,26 @@ mod tests {
             }
             libc::munmap(block, len);
         }
+    }
+
+    /// The batch read returns every bucket (here: 5 000 of a made-up process, more than one
+    /// chunk), which `mapping_faults` then filters.
+    #[test]
+    fn a_batch_read_returns_every_bucket() {
+        let mut probes = Probes::load(&ProbeOptions::default()).expect("probes load as root");
+        let tgid = u32::MAX - 7;
+        let start = 1u64 << 40;
+        let end = start + (5000u64 << BUCKET_SHIFT);
+        probes.track_file_mapping(tgid, start, end).unwrap();
+        let all = batch::lookup_all::<BucketKey, FileBucket>(probes.buckets.map()).unwrap();
+        let ours: Vec<_> = all.iter().filter(|(k, _)| k.tgid == tgid).collect();
+        assert_eq!(ours.len(), 5000);
+        assert!(ours.iter().all(|(_, b)| (b.start, b.end) == (start, end)));
+        assert_eq!(probes.mapping_faults(tgid, &[(start, end)]), 0);
+        for bucket in bucket_range(start, end) {
+            probes.buckets.remove(&bucket_key(tgid, bucket)).unwrap();
+        }
+        let _ = probes.memory.remove(&tgid);
     }
 
     /// An entry that leaves the LRU map (removed here as an eviction would) is re-created
