@@ -317,10 +317,9 @@ fn file_faults(probes: Option<&Probes>, pid: u32, files: &[MappedFile]) -> HashM
     let Some(probes) = fault_probes(probes) else {
         return HashMap::new();
     };
-    files
-        .iter()
-        .map(|f| (f.path.clone(), probes.mapping_faults(pid, &f.ranges)))
-        .collect()
+    let ranges: Vec<&[(u64, u64)]> = files.iter().map(|f| f.ranges.as_slice()).collect();
+    let faults = probes.mapping_faults(pid, &ranges);
+    files.iter().map(|f| f.path.clone()).zip(faults).collect()
 }
 
 fn exited(state: &ProcessState) -> InspectError {
@@ -404,9 +403,11 @@ fn build_report(
     let usage = memory::usage(pid)?;
     let vmas = maps::vmas(pid, true)?;
     let files = maps::mapped_files(&vmas, LARGE_MAPPING_BYTES);
+    // One read of the probes' buckets for every file; none without fault attribution.
+    let end_faults = fault_probes(probes).map(|_| file_faults(probes, pid, &files));
     let mappings: Vec<MappingReport> = files
         .iter()
-        .map(|file| mapping_report(file, probes, pid, start_mapping_faults, window))
+        .map(|file| mapping_report(file, end_faults.as_ref(), start_mapping_faults, window))
         .collect();
 
     let faults = fault_report((start, end), window);
@@ -549,13 +550,12 @@ fn process_facts(state: &ProcessState, identity: &ProcessIdentity, vmas: &[Vma])
 
 fn mapping_report(
     file: &MappedFile,
-    probes: Option<&Probes>,
-    pid: u32,
+    end_faults: Option<&HashMap<PathBuf, u64>>,
     start_faults: &HashMap<PathBuf, u64>,
     window: f64,
 ) -> MappingReport {
-    let faults_per_s = fault_probes(probes).map(|probes| {
-        let now = probes.mapping_faults(pid, &file.ranges);
+    let faults_per_s = end_faults.map(|end| {
+        let now = end.get(&file.path).copied().unwrap_or(0);
         let before = start_faults.get(&file.path).copied().unwrap_or(0);
         now.saturating_sub(before) as f64 / window
     });

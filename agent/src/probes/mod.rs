@@ -242,25 +242,40 @@ impl Probes {
         self.memory.get(&tgid, 0).ok()
     }
 
-    /// Faults recorded in the buckets of `tgid` that cover the address `ranges` (the areas
-    /// of one mapped file); each bucket counts once even if several ranges share it.
+    /// Faults recorded in the buckets of `tgid` that cover each file's address ranges (the
+    /// areas of one mapped file), one total per file; a bucket counts once per file even if
+    /// several of its ranges share it.
     ///
-    /// The bucket map is read whole with `BPF_MAP_LOOKUP_BATCH`: a few syscalls for the
-    /// thousands of buckets model-sized mappings hold, where a lookup per 2 MiB bucket took
-    /// 20 000 syscalls for a 40 GiB model. Without batch support (before Linux 5.6), one
-    /// lookup per bucket of `ranges`.
-    pub fn mapping_faults(&self, tgid: u32, ranges: &[(u64, u64)]) -> u64 {
-        let covers = |b: &FileBucket| ranges.iter().any(|&(s, e)| b.start < e && b.end > s);
-        let buckets: Vec<FileBucket> =
-            match batch::lookup_all::<BucketKey, FileBucket>(self.buckets.map()) {
-                Ok(all) => all
-                    .into_iter()
-                    .filter(|(key, _)| key.tgid == tgid)
-                    .map(|(_, bucket)| bucket)
-                    .collect(),
-                Err(_) => self.buckets_of(tgid, ranges),
-            };
-        buckets.iter().filter(|b| covers(b)).map(|b| b.faults).sum()
+    /// The bucket map is read whole, once for all the files, with `BPF_MAP_LOOKUP_BATCH`: a
+    /// few syscalls for the thousands of buckets model-sized mappings hold, where a lookup per
+    /// 2 MiB bucket took 20 000 syscalls for a 40 GiB model. Without batch support (before
+    /// Linux 5.6), one lookup per bucket of each file's ranges.
+    pub fn mapping_faults(&self, tgid: u32, files: &[&[(u64, u64)]]) -> Vec<u64> {
+        let ours: Option<Vec<FileBucket>> =
+            batch::lookup_all::<BucketKey, FileBucket>(self.buckets.map())
+                .ok()
+                .map(|all| {
+                    all.into_iter()
+                        .filter(|(key, _)| key.tgid == tgid)
+                        .map(|(_, bucket)| bucket)
+                        .collect()
+                });
+        files
+            .iter()
+            .map(|ranges| {
+                let covers =
+                    |b: &&FileBucket| ranges.iter().any(|&(s, e)| b.start < e && b.end > s);
+                match &ours {
+                    Some(buckets) => buckets.iter().filter(covers).map(|b| b.faults).sum(),
+                    None => self
+                        .buckets_of(tgid, ranges)
+                        .iter()
+                        .filter(covers)
+                        .map(|b| b.faults)
+                        .sum(),
+                }
+            })
+            .collect()
     }
 
     /// The buckets of `tgid` spanned by `ranges`, one lookup each.
@@ -593,7 +608,7 @@ mod tests {
         let ours: Vec<_> = all.iter().filter(|(k, _)| k.tgid == tgid).collect();
         assert_eq!(ours.len(), 5000);
         assert!(ours.iter().all(|(_, b)| (b.start, b.end) == (start, end)));
-        assert_eq!(probes.mapping_faults(tgid, &[(start, end)]), 0);
+        assert_eq!(probes.mapping_faults(tgid, &[&[(start, end)]]), [0]);
         for bucket in bucket_range(start, end) {
             probes.buckets.remove(&bucket_key(tgid, bucket)).unwrap();
         }
