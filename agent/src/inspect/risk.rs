@@ -69,21 +69,23 @@ impl RiskSampler {
     /// The predictor's assessment of the process from its domains (its memory cgroup, when
     /// limited, and the host), without hysteresis: one window, one verdict.
     pub fn assess(&self, model: ModelFacts) -> Assessment {
-        let mut domains = vec![self.host_domain(model)];
-        domains.extend(self.cgroup_domain(model));
+        // Every process is read once; a cgroup's candidates are a subset of the host's.
+        let all = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok());
+        let everyone = self.candidates(all, model);
+        let mut domains = vec![self.host_domain(model, everyone.clone())];
+        domains.extend(self.cgroup_domain(model, &everyone));
         predict::assess(&domains, &predict::Config::default())
     }
 
-    fn host_domain(&self, model: ModelFacts) -> DomainInput {
+    fn host_domain(&self, model: ModelFacts, processes: Vec<ProcessInput>) -> DomainInput {
         let samples = self
             .host
             .iter()
             .map(|(t, m)| DomainSample::host(*t, m, model.model_file_bytes))
             .collect();
-        let all = std::fs::read_dir("/proc")
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok());
         DomainInput {
             name: "host".to_owned(),
             limit_bytes: self
@@ -93,12 +95,12 @@ impl RiskSampler {
             samples,
             pressure_some_avg10: pressure::read_host_memory_pressure().map(|p| p.some.avg10),
             refault_file: self.refault_file.clone(),
-            processes: self.candidates(all, model),
+            processes,
         }
     }
 
     /// The process's memory cgroup, if it has a limit (its own or an ancestor's).
-    fn cgroup_domain(&self, model: ModelFacts) -> Option<DomainInput> {
+    fn cgroup_domain(&self, model: ModelFacts, everyone: &[ProcessInput]) -> Option<DomainInput> {
         let (_, last) = self.cgroup.last()?;
         last.effective_limit_bytes?;
         let (version, mount) = self.layout.memory_hierarchy()?;
@@ -116,7 +118,11 @@ impl RiskSampler {
             pressure_some_avg10: cgroup::read_memory_pressure(version, mount, &last.path)
                 .map(|p| p.some.avg10),
             refault_file: Vec::new(),
-            processes: self.candidates(pids.into_iter(), model),
+            processes: everyone
+                .iter()
+                .filter(|p| pids.contains(&p.pid))
+                .cloned()
+                .collect(),
         })
     }
 
