@@ -274,6 +274,8 @@ fn pad(value: u64, to: u64) -> u64 {
 pub struct WeightSplit {
     /// Repeating layers on the GPU.
     pub gpu_layers: u32,
+    /// Whether the output head is on the GPU too.
+    pub output_on_gpu: bool,
     pub gpu_bytes: u64,
     pub cpu_bytes: u64,
 }
@@ -296,6 +298,7 @@ pub fn weight_split(profile: &ModelProfile, n_gpu_layers: i64) -> WeightSplit {
     }
     WeightSplit {
         gpu_layers: gpu_layers as u32,
+        output_on_gpu: requested > n_layer,
         gpu_bytes: gpu,
         cpu_bytes: profile.weight_bytes.saturating_sub(gpu),
     }
@@ -369,11 +372,9 @@ pub struct Footprint {
 pub fn footprint(profile: &ModelProfile, kv: &KvModel, placement: &Placement) -> Footprint {
     let cells = kv_cells(placement.shape, profile.n_ctx_train, kv.sliding_window);
     let weights = weight_split(profile, placement.n_gpu_layers);
-    let repacked = placement.cpu.map_or(0, |cpu| {
-        let output_on_gpu =
-            placement.n_gpu_layers < 0 || placement.n_gpu_layers > profile.layer_bytes.len() as i64;
-        repacked_bytes(profile, cpu, weights.gpu_layers, output_on_gpu)
-    });
+    let repacked = placement
+        .cpu
+        .map_or(0, |cpu| repacked_bytes(profile, cpu, &weights));
     let (kv_gpu, kv_cpu) = kv.split(cells, weights.gpu_layers);
     let ubatch = placement.shape.n_ubatch.max(1);
     let compute = compute_bytes(profile, cells.full, ubatch, placement.flash_attn);
@@ -413,24 +414,18 @@ pub fn footprint(profile: &ModelProfile, kv: &KvModel, placement: &Placement) ->
     }
 }
 
-/// Bytes of the weights on the CPU that the backend with `cpu` features copies into its extra
-/// buffers. Layers from `n_layer - gpu_layers` on, and the output head when `output_on_gpu`,
-/// are on the GPU. A model without an output head reuses its token embeddings as one
-/// (llama.cpp duplicates the tensor), so those may be copied too.
-pub fn repacked_bytes(
-    profile: &ModelProfile,
-    cpu: CpuFeatures,
-    gpu_layers: u32,
-    output_on_gpu: bool,
-) -> u64 {
+/// Bytes of the weights `split` leaves on the CPU that the backend with `cpu` features
+/// copies into its extra buffers. A model without an output head reuses its token embeddings
+/// as one (llama.cpp duplicates the tensor), so those may be copied too.
+pub fn repacked_bytes(profile: &ModelProfile, cpu: CpuFeatures, split: &WeightSplit) -> u64 {
     let first_gpu_layer = profile
         .layer_bytes
         .len()
-        .saturating_sub(gpu_layers as usize);
+        .saturating_sub(split.gpu_layers as usize);
     let tied_output = !profile.tensors.iter().any(|t| t.name == "output.weight");
     let on_cpu = |name: &str| match profile::layer_of(name) {
         Some(layer) => layer < first_gpu_layer,
-        None => !output_on_gpu,
+        None => !split.output_on_gpu,
     };
     profile
         .tensors
@@ -492,6 +487,44 @@ pub fn largest_ctx(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two layers and an output head of 4096 x 4096 Q4_0 matrices (9 MiB each) plus a Q4_0
+    /// token embedding: what AVX2 repacks depends on where each tensor is.
+    #[test]
+    fn repacking_counts_only_the_matrices_left_on_the_cpu() {
+        let q4 = |name: &str| profile::TensorSummary {
+            name: name.to_owned(),
+            dtype: "Q4_0".to_owned(),
+            shape: vec![4096, 4096],
+            bytes: 4096 / 32 * 18 * 4096,
+        };
+        let matrix = 4096 / 32 * 18 * 4096;
+        let p = ModelProfile {
+            layer_bytes: vec![matrix, matrix],
+            tensors: vec![
+                q4("token_embd.weight"),
+                q4("blk.0.attn_q.weight"),
+                q4("blk.1.attn_q.weight"),
+                q4("output.weight"),
+            ],
+            ..Default::default()
+        };
+        let avx2 = CpuFeatures {
+            avx2: true,
+            avx512: false,
+            amx: false,
+        };
+        let repacked = |ngl| repacked_bytes(&p, avx2, &weight_split(&p, ngl));
+        // Embeddings are row lookups, never repacked.
+        assert_eq!(repacked(0), 3 * matrix);
+        assert_eq!(repacked(1), 2 * matrix, "layer 1 on the GPU");
+        assert_eq!(repacked(2), matrix, "only the output head left");
+        assert_eq!(repacked(3), 0, "the output head on the GPU too");
+        assert_eq!(
+            repacked_bytes(&p, CpuFeatures::default(), &weight_split(&p, 0)),
+            0
+        );
+    }
 
     fn profile(n_head_kv: Vec<u32>) -> ModelProfile {
         ModelProfile {
@@ -603,6 +636,7 @@ mod tests {
             weight_split(&p, 0),
             WeightSplit {
                 gpu_layers: 0,
+                output_on_gpu: false,
                 gpu_bytes: 0,
                 cpu_bytes: 72
             }
@@ -611,6 +645,7 @@ mod tests {
             weight_split(&p, 2),
             WeightSplit {
                 gpu_layers: 2,
+                output_on_gpu: false,
                 gpu_bytes: 50,
                 cpu_bytes: 22
             }
@@ -620,7 +655,10 @@ mod tests {
             60,
             "the output head stays on the CPU"
         );
+        assert!(!weight_split(&p, 3).output_on_gpu);
         assert_eq!(weight_split(&p, 4).gpu_bytes, 65);
+        assert!(weight_split(&p, 4).output_on_gpu);
         assert_eq!(weight_split(&p, -1).gpu_bytes, 65, "-1 = all");
+        assert!(weight_split(&p, -1).output_on_gpu);
     }
 }
