@@ -1,7 +1,9 @@
 //! Builds the eBPF probes (`ebpf/infermem-ebpf`) into `$OUT_DIR/infermem-ebpf`, provisioning
-//! the toolchain they need (nightly rust-src and a matching bpf-linker) on first use.
+//! the toolchain they need (nightly rust-src and a matching bpf-linker) on first use, and
+//! compiles the local API's messages (`proto/infermem.proto`) with protox: no `protoc` needed.
 
 fn main() -> anyhow::Result<()> {
+    compile_protos()?;
     let toolchain = xtask::toolchain::ensure()?;
     // SAFETY: build scripts are single-threaded; the nested cargo must find bpf-linker.
     unsafe { std::env::set_var("PATH", toolchain.path_env()?) };
@@ -18,4 +20,12 @@ fn main() -> anyhow::Result<()> {
         }],
         aya_build::Toolchain::Custom(&toolchain.nightly),
     )
+}
+
+/// Parses the API's `.proto` in Rust (protox) and generates its prost types into `OUT_DIR`.
+fn compile_protos() -> anyhow::Result<()> {
+    println!("cargo:rerun-if-changed=proto/infermem.proto");
+    let descriptors = protox::compile(["proto/infermem.proto"], ["proto"])?;
+    prost_build::Config::new().compile_fds(descriptors)?;
+    Ok(())
 }

@@ -1,6 +1,7 @@
 //! infermem: sees each process's model memory from the kernel and predicts when it will not fit.
 //!
 //! Modules, one concern each:
+//! - [`api`]: the local API's messages and the service behind it;
 //! - [`probes`]: the eBPF probes (load, attach, read maps and events);
 //! - [`collect`]: what procfs and cgroupfs say about a process;
 //! - [`state`]: the per-process state built from both, which a daemon can keep live;
@@ -11,6 +12,7 @@
 //! - [`doctor`]: checks of the kernel features infermem needs or can use;
 //! - [`units`]: byte sizes for people.
 
+pub mod api;
 pub mod collect;
 pub mod doctor;
 pub mod inspect;
