@@ -6,6 +6,7 @@
 
 use std::{
     collections::HashMap,
+    sync::Arc,
     os::fd::{AsRawFd, RawFd},
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -18,15 +19,14 @@ use crate::{
     collect::{
         CollectError,
         cgroup::{self, CgroupLayout},
-        maps::{self, MappedFile, Vma, VmaKind},
+        maps::{self, MappedFile},
         memory,
         process::{self, ProcessCounters, ProcessIdentity},
     },
     model::{
         self,
-        analysis::{AnonBlock, BlockSource, ProcessFacts},
-        discovery,
     },
+    daemon::{Agent, registry::ProcessKey},
     probes::{self, EventReader, OomVictim, ProbeError, ProbeOptions, Probes},
     report::{
         AllocationReport, CgroupReport, ErrorBody, ErrorReport, FaultReport, InspectReport,
@@ -245,6 +245,84 @@ pub async fn inspect(options: &InspectOptions) -> Result<InspectReport, InspectE
     )
 }
 
+/// Inspects a process through a running agent: the agent's registry has what its probes saw
+/// since it started (so a model loaded after the agent has its KV cache known exactly), and
+/// its probes count the faults: no second copy of the probes is loaded.
+pub async fn inspect_in_agent(
+    agent: Arc<Agent>,
+    pid: u32,
+    duration: Duration,
+) -> Result<InspectReport, InspectError> {
+    let identity = blocking(move || Ok(process::identity(pid)?)).await?;
+    let key = ProcessKey {
+        pid,
+        start_time: identity.start_time,
+    };
+    let shared = Arc::clone(&agent);
+    let (start, start_faults) = blocking(move || {
+        let probes = shared.probes();
+        let start = sample(&identity, probes.as_deref())?;
+        let files = maps::mapped_files(&maps::vmas(pid, false)?, LARGE_MAPPING_BYTES);
+        Ok((start, file_faults(probes.as_deref(), pid, &files)))
+    })
+    .await?;
+    let deadline = tokio::time::Instant::now() + duration;
+    let mut risk = risk::RiskSampler::new(pid);
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(LIVENESS_INTERVAL.min(deadline - tokio::time::Instant::now())).await;
+        if let Some(state) = ended_in_agent(&agent, key) {
+            return Err(exited(&state));
+        }
+        risk.sample();
+    }
+    blocking(move || {
+        let state = tracked_state(&agent, key)?;
+        let probes = agent.probes();
+        let end = sample(&state.identity, probes.as_deref()).map_err(|err| match err {
+            err if err.is_gone() => exited(&state),
+            err => InspectError::Collect(err),
+        })?;
+        let reason = agent.ebpf_reason().map(str::to_owned);
+        let window = (&start, &end);
+        build_report(&state, probes.as_deref(), reason, window, &start_faults, &risk)
+    })
+    .await
+}
+
+/// Runs blocking collection off the async runtime's threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, InspectError> + Send + 'static,
+) -> Result<T, InspectError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic.into_panic()))
+}
+
+/// The state of an ended process (with its OOM kill, if any), if it ended.
+fn ended_in_agent(agent: &Agent, key: ProcessKey) -> Option<ProcessState> {
+    let registry = agent.lock();
+    let ended = registry.end_of(key)?;
+    let mut state = ended.state.clone();
+    state.oom_kill = ended.oom_kill.clone().or(state.oom_kill);
+    state.ended = Some(crate::state::ProcessEnd::Exited);
+    Some(state)
+}
+
+/// The agent's state of the process, or one seeded from /proc when the agent has not seen it
+/// yet.
+fn tracked_state(agent: &Agent, key: ProcessKey) -> Result<ProcessState, InspectError> {
+    if let Some(state) = ended_in_agent(agent, key) {
+        return Err(exited(&state));
+    }
+    if let Some(tracked) = agent.lock().process(key) {
+        return Ok(tracked.state.clone());
+    }
+    let identity = process::identity(key.pid)?;
+    let mut state = ProcessState::new(identity);
+    state.seed_from_vmas(&maps::vmas(key.pid, false)?);
+    Ok(state)
+}
+
 /// Drains events until `duration` has passed or the process is gone.
 async fn watch(
     state: &mut ProcessState,
@@ -432,7 +510,7 @@ fn build_report(
         high_bytes: cg.high_bytes,
     });
 
-    let model = model::analysis::analyze(&process_facts(state, &identity, &vmas));
+    let model = model::analysis::analyze(&model::facts::process_facts(state, &identity, &vmas));
     let risk = risk.assess(risk_facts(model.as_ref(), &mappings, window));
 
     Ok(InspectReport {
@@ -498,53 +576,6 @@ fn risk_facts(
         model_file_faults: model_mappings
             .map(|m| m.faults_per_s.map(|rate| (rate * window).round() as u64))
             .sum(),
-    }
-}
-
-/// What the model analysis needs: every mapped file (libraries name runtimes), the files the
-/// probes saw mapped, open files, and the large anonymous blocks (candidate KV caches).
-fn process_facts(state: &ProcessState, identity: &ProcessIdentity, vmas: &[Vma]) -> ProcessFacts {
-    let probe_blocks = state
-        .live_allocations()
-        .filter(|a| a.origin == Origin::Probe)
-        .map(|a| AnonBlock {
-            address: a.addr,
-            bytes: a.bytes,
-            source: match a.kind {
-                AllocationKind::Mmap => BlockSource::ProbeMmap,
-                AllocationKind::Brk => BlockSource::ProbeBrk,
-                AllocationKind::Mremap => BlockSource::ProbeMremap,
-            },
-            resident_bytes: None,
-        });
-    let proc_blocks = vmas
-        .iter()
-        .filter(|v| {
-            matches!(v.kind, VmaKind::Anonymous | VmaKind::Heap) && v.size() >= LARGE_MAPPING_BYTES
-        })
-        .map(|v| AnonBlock {
-            address: v.start,
-            bytes: v.size(),
-            source: BlockSource::ProcMaps,
-            resident_bytes: None,
-        });
-    ProcessFacts {
-        pid: identity.pid,
-        exe: identity.exe.clone(),
-        cmdline: identity.cmdline.clone(),
-        environ: process::environ(identity.pid),
-        mapped_files: maps::mapped_files(vmas, 0)
-            .into_iter()
-            .map(|f| (f.path, f.resident))
-            .collect(),
-        mmap_event_files: state
-            .file_mappings
-            .values()
-            .filter(|m| m.origin == Origin::Probe)
-            .filter_map(|m| m.path.clone())
-            .collect(),
-        open_files: discovery::open_files(identity.pid),
-        anon_blocks: probe_blocks.chain(proc_blocks).collect(),
     }
 }
 

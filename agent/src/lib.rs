@@ -4,6 +4,7 @@
 //! - [`api`]: the local API's messages and the service behind it;
 //! - [`probes`]: the eBPF probes (load, attach, read maps and events);
 //! - [`collect`]: what procfs and cgroupfs say about a process;
+//! - [`daemon`]: `infermem run`, the agent: registry, pipeline, predictor stage, API service;
 //! - [`state`]: the per-process state built from both, which a daemon can keep live;
 //! - [`model`]: runtimes, model files and the memory they need;
 //! - [`predict`]: time to OOM, level, victim and thrashing per process, cgroup and host;
@@ -14,6 +15,7 @@
 
 pub mod api;
 pub mod collect;
+pub mod daemon;
 pub mod doctor;
 pub mod inspect;
 pub mod model;

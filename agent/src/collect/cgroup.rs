@@ -105,21 +105,30 @@ pub fn memory_cgroup(
     let Some((version, mount)) = layout.memory_hierarchy() else {
         return Ok(None);
     };
+    let Some(path) = memory_cgroup_of(pid, version)? else {
+        return Ok(None);
+    };
+    Ok(Some(read_memory_cgroup(version, mount, &path)))
+}
+
+/// The path of `pid`'s memory cgroup; None when unknown (gone, or no memory controller).
+pub fn memory_cgroup_path(pid: u32, layout: &CgroupLayout) -> Option<String> {
+    let (version, _) = layout.memory_hierarchy()?;
+    memory_cgroup_of(pid, version).ok()?
+}
+
+fn memory_cgroup_of(pid: u32, version: CgroupVersion) -> Result<Option<String>, CollectError> {
     let groups = open(pid)?
         .cgroups()
         .map_err(|e| CollectError::from_proc(pid, "cgroup", e))?;
-    let path = groups.0.into_iter().find_map(|g| match version {
+    Ok(groups.0.into_iter().find_map(|g| match version {
         CgroupVersion::V1 => g
             .controllers
             .iter()
             .any(|c| c == "memory")
             .then_some(g.pathname),
         CgroupVersion::V2 => (g.hierarchy == 0).then_some(g.pathname),
-    });
-    let Some(path) = path else {
-        return Ok(None);
-    };
-    Ok(Some(read_memory_cgroup(version, mount, &path)))
+    }))
 }
 
 /// Reads the limit files of the cgroup at `path` below the hierarchy mounted at `mount`.

@@ -5,7 +5,8 @@
 //! - [`discovery`]: finding model files among mapped and open files;
 //! - [`open`]: opening untrusted files without blocking, through the process's own view;
 //! - [`ggml`], [`gguf`], [`safetensors`]: bounded parsers of model file headers;
-//! - [`profile`]: the model as a file describes it;
+//! - [`profile`]: the model as a file describes it; [`profile_cache`]: parsed files by inode;
+//! - [`facts`]: what the analysis needs to know about a process;
 //! - [`config`], [`ollama`]: the runtime's configuration (cmdline, env, Ollama's API);
 //! - [`redact`]: secrets in command lines and environments, redacted before output;
 //! - [`cpu_backend`]: the instruction sets of a process's ggml CPU backend and the weights it
@@ -18,6 +19,7 @@ pub mod analysis;
 pub mod config;
 pub mod cpu_backend;
 pub mod discovery;
+pub mod facts;
 pub mod ggml;
 pub mod gguf;
 pub mod memory;
@@ -25,6 +27,7 @@ pub mod ollama;
 pub mod open;
 pub mod plan;
 pub mod profile;
+pub mod profile_cache;
 pub mod redact;
 pub mod runtime;
 pub mod safetensors;

@@ -402,8 +402,17 @@ pub fn profile_path(path: &Path) -> Result<Option<(ModelFormat, ModelProfile)>, 
 }
 
 /// Profiles an open model file. GGUF and safetensors are parsed (`open` opens the
-/// `config.json` beside a safetensors file); PyTorch and ONNX files are only sized.
+/// `config.json` beside a safetensors file); PyTorch and ONNX files are only sized. Parsed
+/// files are cached ([`super::profile_cache`]).
 pub fn profile_opened(
+    file: &OpenedFile,
+    format: ModelFormat,
+    open: Opener,
+) -> Result<Option<ModelProfile>, String> {
+    super::profile_cache::profile(file, || parse_opened(file, format, open))
+}
+
+fn parse_opened(
     file: &OpenedFile,
     format: ModelFormat,
     open: Opener,
