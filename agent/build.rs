@@ -26,6 +26,9 @@ fn main() -> anyhow::Result<()> {
 fn compile_protos() -> anyhow::Result<()> {
     println!("cargo:rerun-if-changed=proto/infermem.proto");
     let descriptors = protox::compile(["proto/infermem.proto"], ["proto"])?;
-    prost_build::Config::new().compile_fds(descriptors)?;
+    prost_build::Config::new()
+        // `ps --json` and `status --json` print the replies as they are.
+        .type_attribute(".", "#[derive(serde::Serialize)]")
+        .compile_fds(descriptors)?;
     Ok(())
 }

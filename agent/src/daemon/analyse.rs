@@ -48,14 +48,33 @@ pub fn dispatch(agent: &Agent, queue: &SyncSender<ProcessKey>) {
 /// The analysis thread: analyses each queued process until the queue closes.
 pub fn worker(agent: &Agent, queue: Receiver<ProcessKey>) {
     for key in queue {
-        let report = analyse(agent, key);
-        let mut registry = agent.lock();
-        if let Some(tracked) = registry.process_mut(key) {
-            tracked.model.in_flight = false;
-            tracked.model.analysed_at = Some(Instant::now());
-            if let Some(report) = report {
-                tracked.model.report = report;
-            }
+        analyse_and_store(agent, key);
+    }
+}
+
+/// Analyses every process due, on the calling thread (standalone commands).
+pub fn analyse_due_now(agent: &Agent) {
+    let due: Vec<ProcessKey> = agent
+        .lock()
+        .processes
+        .values()
+        .filter(|p| p.candidate && p.model.dirty)
+        .map(|p| p.key())
+        .collect();
+    for key in due {
+        analyse_and_store(agent, key);
+    }
+}
+
+fn analyse_and_store(agent: &Agent, key: ProcessKey) {
+    let report = analyse(agent, key);
+    let mut registry = agent.lock();
+    if let Some(tracked) = registry.process_mut(key) {
+        tracked.model.in_flight = false;
+        tracked.model.dirty = false;
+        tracked.model.analysed_at = Some(Instant::now());
+        if let Some(report) = report {
+            tracked.model.report = report;
         }
     }
 }

@@ -270,6 +270,19 @@ impl Agent {
         self.heartbeat_ms.store(elapsed, Ordering::Relaxed);
     }
 
+    /// The pipeline once, on the calling thread, for a standalone `ps` or `status`: the
+    /// registry from /proc, one collection, every candidate analysed, one assessment
+    /// (levels then come from headroom alone: one sample has no trend).
+    pub fn snapshot(&self) {
+        self.seed_all();
+        sample::tick(self);
+        analyse::analyse_due_now(self);
+        // Model processes are now known: read their memory and cgroups with that knowledge.
+        sample::tick(self);
+        let cfg = self.settings().predictor;
+        assess::assess_all(&mut self.lock(), &cfg);
+    }
+
     /// Starts the event, pipeline and analysis threads; they run until [`Agent::request_stop`].
     pub fn start(self: &Arc<Self>) -> Vec<thread::JoinHandle<()>> {
         let mut threads = Vec::new();
