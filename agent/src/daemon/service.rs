@@ -170,11 +170,18 @@ fn workload(p: &TrackedProcess) -> proto::Workload {
 }
 
 fn daemon_info(agent: &Agent, registry: &Registry) -> proto::DaemonInfo {
-    let drops = agent.probes().map_or(0, |p| {
+    let probes = agent.probes();
+    let drops = probes.as_ref().map_or(0, |p| {
         p.probe_stats()
             .iter()
             .map(|(_, s)| s.ringbuf_drops)
             .sum::<u64>()
+    });
+    let unavailable = probes.as_ref().map_or_else(Vec::new, |p| {
+        p.unavailable()
+            .iter()
+            .map(|(probe, why)| format!("{}: {why}", probe.tracepoint()))
+            .collect()
     });
     proto::DaemonInfo {
         pid: std::process::id(),
@@ -190,6 +197,7 @@ fn daemon_info(agent: &Agent, registry: &Registry) -> proto::DaemonInfo {
             Mode::Standalone => "standalone",
         }
         .to_owned(),
+        probes_unavailable: unavailable,
     }
 }
 
