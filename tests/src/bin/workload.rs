@@ -13,6 +13,13 @@
 //!   stdin closes; ARGS are ignored (tests put what infermem must not reveal there).
 //! - `chroot DIR`: changes its root to DIR, says so, then waits until stdin closes (a process
 //!   whose paths mean something else than the host's, as in a container).
+//! - `ramp MIB_PER_S STOP_MIB`: waits, then allocates and writes anonymous memory at
+//!   MIB_PER_S (in 1 MiB steps, paced by the clock) until STOP_MIB (0: forever, until the OOM
+//!   killer ends it), says `plateau`, then waits until stdin closes.
+//! - `bursty MIB_PER_S BURST_MIB STOP_MIB`: as `ramp` on average, in bursts of BURST_MIB
+//!   written at once.
+//! - `steady MIB`: allocates MIB, then rewrites a tenth of it every 100 ms (a server at a
+//!   constant footprint) until stdin closes.
 //! - `churn MIB ITERATIONS`: waits, then maps MIB of anonymous memory, writes every page and
 //!   unmaps it, ITERATIONS times (a fault-heavy load for `cargo xtask bench overhead`); prints
 //!   the elapsed nanoseconds.
@@ -35,6 +42,9 @@ fn main() {
         "storm" => storm(arg(1), number(2)),
         "hog" => hog(number(1)),
         "churn" => churn(number(1), number(2)),
+        "ramp" => ramp(number(1), 1, number(2)),
+        "bursty" => ramp(number(1), number(2), number(3)),
+        "steady" => steady(number(1)),
         "map-file" => map_file(arg(1)),
         "chroot" => chroot(arg(1)),
         _ => usage(),
@@ -43,7 +53,7 @@ fn main() {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: workload map-and-alloc FILE FILE_MIB ANON_MIB | storm FILE CHILDREN | hog MIB_PER_STEP"
+        "usage: workload map-and-alloc FILE FILE_MIB ANON_MIB | storm FILE CHILDREN | hog MIB_PER_STEP | ramp MIB_PER_S STOP_MIB | bursty MIB_PER_S BURST_MIB STOP_MIB | steady MIB | churn MIB ITERATIONS | map-file FILE | chroot DIR"
     );
     std::process::exit(2)
 }
@@ -238,4 +248,55 @@ fn churn(mib: usize, iterations: usize) {
         r#"{{"event":"churned","ns":{ns},"faults":{}}}"#,
         iterations * len / PAGE
     ));
+}
+
+/// Allocates at `mib_per_s` on average, `step_mib` at a time, until `stop_mib` (0: never).
+fn ramp(mib_per_s: usize, step_mib: usize, stop_mib: usize) {
+    say(&format!(
+        r#"{{"event":"waiting","pid":{}}}"#,
+        std::process::id()
+    ));
+    if !wait_for_line() {
+        return;
+    }
+    let start = std::time::Instant::now();
+    say(r#"{"event":"ramping"}"#);
+    let mut total_mib = 0usize;
+    while stop_mib == 0 || total_mib < stop_mib {
+        // The step is written when the clock says the ramp has reached it.
+        let due = std::time::Duration::from_secs_f64(total_mib as f64 / mib_per_s as f64);
+        if let Some(wait) = due.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        let step = step_mib << 20;
+        touch_pages(anonymous(step), step, true);
+        total_mib += step_mib;
+    }
+    say(&format!(r#"{{"event":"plateau","mib":{total_mib}}}"#));
+    while wait_for_line() {}
+}
+
+/// A constant footprint, kept in use.
+fn steady(mib: usize) {
+    let len = mib << 20;
+    let block = anonymous(len);
+    touch_pages(block, len, true);
+    say(&format!(
+        r#"{{"event":"steady","pid":{}}}"#,
+        std::process::id()
+    ));
+    let stdin_closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = std::sync::Arc::clone(&stdin_closed);
+    std::thread::spawn(move || {
+        while wait_for_line() {}
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let tenth = (len / 10).max(PAGE);
+    let mut offset = 0;
+    while !stdin_closed.load(std::sync::atomic::Ordering::Relaxed) {
+        // SAFETY: `offset..offset + tenth` stays inside the block.
+        touch_pages(unsafe { block.add(offset) }, tenth.min(len - offset), true);
+        offset = (offset + tenth) % len;
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
