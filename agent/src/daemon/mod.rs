@@ -360,3 +360,26 @@ pub fn unix_now() -> f64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_tracks_this_process_by_pid_and_start_time_and_the_host() {
+        let agent = Agent::new(None, Settings::default(), Mode::Standalone);
+        agent.snapshot();
+        let me = crate::collect::process::identity(std::process::id()).unwrap();
+        let registry = agent.lock();
+        let key = registry::ProcessKey {
+            pid: me.pid,
+            start_time: me.start_time,
+        };
+        let tracked = registry.process(key).expect("this process is tracked");
+        assert!(tracked.seeded && tracked.usage.is_some());
+        assert!(registry.host.last.is_some());
+        assert_eq!(registry.host.samples.len(), 2);
+        // No kernel threads: kthreadd (pid 2) has no address space.
+        assert!(!registry.processes.contains_key(&2));
+    }
+}
