@@ -196,12 +196,12 @@ impl Agent {
         self.origin.elapsed().saturating_sub(last)
     }
 
-    /// Cumulative faults on the given address ranges of `pid` (eBPF); None without fault
-    /// attribution.
-    pub fn model_file_faults(&self, pid: u32, ranges: &[(u64, u64)]) -> Option<u64> {
+    /// Cumulative faults on the given address ranges of each process (eBPF), in one read of
+    /// the probes' buckets; None without fault attribution.
+    pub fn model_file_faults(&self, requests: &[(u32, &[(u64, u64)])]) -> Option<Vec<u64>> {
         let probes = self.probes()?;
         probes.attached(Probe::PageFault).then_some(())?;
-        probes.mapping_faults(pid, &[ranges]).first().copied()
+        Some(probes.faults_in_ranges(requests))
     }
 
     /// Gives fault buckets to the model-sized file mappings of a process that existed before

@@ -137,30 +137,53 @@ fn sample_processes(agent: &Agent, t: f64) {
             .map(|p| (p.key(), model_ranges(p)))
             .collect()
     };
-    for (key, ranges) in due {
-        let usage = memory::usage(key.pid).ok();
-        let oom = open(key.pid).ok().and_then(|p| {
-            Some((
-                u32::from(p.oom_score().ok()?),
-                i32::from(p.oom_score_adj().ok()?),
-            ))
-        });
-        let faults = (!ranges.is_empty())
-            .then(|| agent.model_file_faults(key.pid, &ranges))
-            .flatten();
-        let mut registry = agent.lock();
-        let Some(tracked) = registry.process_mut(key) else {
-            continue;
+    let requests: Vec<(u32, &[(u64, u64)])> = due
+        .iter()
+        .filter(|(_, ranges)| !ranges.is_empty())
+        .map(|(key, ranges)| (key.pid, ranges.as_slice()))
+        .collect();
+    let faults = (!requests.is_empty())
+        .then(|| agent.model_file_faults(&requests))
+        .flatten()
+        .unwrap_or_default();
+    let mut faults = requests.iter().map(|(pid, _)| *pid).zip(faults);
+    for (key, ranges) in &due {
+        let fault_count = if ranges.is_empty() {
+            None
+        } else {
+            faults.next().map(|(_, n)| n)
         };
-        tracked.usage_at = Some(now);
-        if let Some(usage) = usage {
-            tracked.usage = Some(usage);
-            tracked.rss.push(t, (usage.rss + usage.swap) as f64);
-        }
-        tracked.oom_score = oom.or(tracked.oom_score);
-        if let Some(faults) = faults {
-            tracked.model_faults.push(t, faults as f64);
-        }
+        read_process_memory(agent, *key, fault_count, t, now);
+    }
+}
+
+/// Reads one process's memory and OOM score and stores them with its fault count.
+fn read_process_memory(
+    agent: &Agent,
+    key: ProcessKey,
+    faults: Option<u64>,
+    t: f64,
+    now: Instant,
+) {
+    let usage = memory::usage(key.pid).ok();
+    let oom = open(key.pid).ok().and_then(|p| {
+        Some((
+            u32::from(p.oom_score().ok()?),
+            i32::from(p.oom_score_adj().ok()?),
+        ))
+    });
+    let mut registry = agent.lock();
+    let Some(tracked) = registry.process_mut(key) else {
+        return;
+    };
+    tracked.usage_at = Some(now);
+    if let Some(usage) = usage {
+        tracked.usage = Some(usage);
+        tracked.rss.push(t, (usage.rss + usage.swap) as f64);
+    }
+    tracked.oom_score = oom.or(tracked.oom_score);
+    if let Some(faults) = faults {
+        tracked.model_faults.push(t, faults as f64);
     }
 }
 

@@ -251,26 +251,30 @@ impl Probes {
     /// 2 MiB bucket took 20 000 syscalls for a 40 GiB model. Without batch support (before
     /// Linux 5.6), one lookup per bucket of each file's ranges.
     pub fn mapping_faults(&self, tgid: u32, files: &[&[(u64, u64)]]) -> Vec<u64> {
-        let ours: Option<Vec<FileBucket>> =
-            batch::lookup_all::<BucketKey, FileBucket>(self.buckets.map())
-                .ok()
-                .map(|all| {
-                    all.into_iter()
-                        .filter(|(key, _)| key.tgid == tgid)
-                        .map(|(_, bucket)| bucket)
-                        .collect()
-                });
-        files
+        let requests: Vec<(u32, &[(u64, u64)])> = files.iter().map(|r| (tgid, *r)).collect();
+        self.faults_in_ranges(&requests)
+    }
+
+    /// Like [`Probes::mapping_faults`], for address ranges of several processes at once: one
+    /// read of the bucket map for all of them (the agent's per-tick read of every model
+    /// process).
+    pub fn faults_in_ranges(&self, requests: &[(u32, &[(u64, u64)])]) -> Vec<u64> {
+        let all = batch::lookup_all::<BucketKey, FileBucket>(self.buckets.map()).ok();
+        requests
             .iter()
-            .map(|ranges| {
+            .map(|&(tgid, ranges)| {
                 let covers =
-                    |b: &&FileBucket| ranges.iter().any(|&(s, e)| b.start < e && b.end > s);
-                match &ours {
-                    Some(buckets) => buckets.iter().filter(covers).map(|b| b.faults).sum(),
+                    |b: &FileBucket| ranges.iter().any(|&(s, e)| b.start < e && b.end > s);
+                match &all {
+                    Some(all) => all
+                        .iter()
+                        .filter(|(key, bucket)| key.tgid == tgid && covers(bucket))
+                        .map(|(_, bucket)| bucket.faults)
+                        .sum(),
                     None => self
                         .buckets_of(tgid, ranges)
                         .iter()
-                        .filter(covers)
+                        .filter(|b| covers(b))
                         .map(|b| b.faults)
                         .sum(),
                 }
