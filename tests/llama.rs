@@ -19,7 +19,9 @@ use infermem::model::{
     profile,
 };
 use infermem_tests::{
-    Inspection, assert_close, f64_of,
+    Inspection, assert_close,
+    daemon::{Daemon, NOTICE_TIMEOUT, workload_of},
+    f64_of,
     llama::{self, KvSettings, LlamaLog},
     output_of, require_root, scratch_dir,
 };
@@ -394,5 +396,75 @@ fn inspect_after_the_load_is_exact_or_says_it_does_not_know() {
         );
         llama.finish();
     }
+    std::fs::remove_dir_all(&dir).expect("clean scratch dir");
+}
+
+/// An agent (`infermem run`) started before llama.cpp loads its model saw the KV cache
+/// allocated: `inspect` through the agent gives the exact n_ctx and KV cache, from that
+/// allocation, and `ps` lists the model with its runtime and KV cache.
+#[test]
+fn a_llama_model_loaded_after_the_agent_is_inspected_exactly() {
+    require_root();
+    let agent = Daemon::start("llama-agent");
+    let dir = scratch_dir("llama-agent-model");
+    let model = dir.join("gqa-f16.gguf");
+    llama::make_model(&model, "gqa", "f16");
+    let kv = KvSettings {
+        n_ctx: 1100,
+        type_k: "f16",
+        type_v: "f16",
+        flash_attn: false,
+    };
+    let log_path = dir.join("llama.log");
+    let mut llama = llama::start_loaded(&model, kv, &log_path);
+    llama.expect_event("ready");
+    let pid = llama.pid();
+    let logged = llama::parse_log(&std::fs::read_to_string(&log_path).expect("read llama log"));
+
+    // inspect through the agent (Daemon::json fails on the standalone fallback).
+    let report = agent.json(&["inspect", &pid.to_string(), "--json", "--duration", "2s"]);
+    let m = &report["model"];
+    assert_eq!(m["runtime"], "llama-cpp", "{m}");
+    let p = &m["prediction"];
+    assert_eq!(p["n_ctx"]["source"], "inferred", "{p}");
+    assert_eq!(
+        p["n_ctx"]["value"].as_u64(),
+        Some(logged.kv_cells),
+        "n_ctx in effect: {p}"
+    );
+    let allocation = &p["kv_allocation"];
+    assert!(
+        allocation["source"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("probe_")),
+        "the KV cache must be the allocation the agent's probes saw, not a guess from \
+         /proc/<pid>/maps: {allocation}"
+    );
+    let kv_now = f64_of(&p["kv_bytes_now"], "kv_bytes_now");
+    assert_close(
+        "kv_bytes_now through the agent vs llama.cpp",
+        kv_now,
+        logged.kv_mib * MIB,
+        0.01,
+    );
+    assert_eq!(p["cache_type_k"], "f16", "{p}");
+    assert!(report["sources"]["ebpf"] == true, "{}", report["sources"]);
+
+    // ps lists it, with the same figures.
+    let listed = agent.ps_until(NOTICE_TIMEOUT, |ps| {
+        workload_of(ps, pid)
+            .filter(|w| w["kv_bytes_now"].is_u64())
+            .cloned()
+    });
+    assert_eq!(listed["runtime"], "llama-cpp", "{listed}");
+    assert_eq!(listed["model"], model.to_str().unwrap(), "{listed}");
+    assert_eq!(listed["n_ctx"].as_u64(), Some(logged.kv_cells), "{listed}");
+    assert_eq!(listed["kv_bytes_now"].as_f64(), Some(kv_now), "{listed}");
+    assert!(listed["weights_bytes"].as_u64() > Some(0), "{listed}");
+    eprintln!(
+        "through the agent: n_ctx {} ({}), KV {kv_now} B; llama.cpp {} cells, {:.2} MiB; ps: {listed}",
+        p["n_ctx"]["value"], allocation["source"], logged.kv_cells, logged.kv_mib
+    );
+    llama.finish();
     std::fs::remove_dir_all(&dir).expect("clean scratch dir");
 }

@@ -5,6 +5,7 @@
 //! broken probe.
 
 pub mod cgroup;
+pub mod daemon;
 pub mod llama;
 
 use std::{
