@@ -2,6 +2,7 @@
 //! README), reused as-is by the local API later. [`text`] renders it for people, and
 //! [`model_text`] renders the model section and `infermem plan`.
 
+pub mod api_text;
 pub mod model_text;
 pub mod text;
 

@@ -1,0 +1,642 @@
+//! The local API's replies for people (`ps`, `status`, `watch`) and `watch --json`'s lines.
+//! Strings from processes, files and the kernel (comm, paths, reasons) go through
+//! [`escape`] in text output.
+
+use std::{fmt::Write as _, path::Path};
+
+use serde::Serialize;
+
+use super::text::escape;
+use crate::{
+    api::proto::{
+        Assessment, CgroupStatus, DaemonInfo, HostStatus, OomKill, PsReply, StatusReply,
+        WatchUpdate, Workload,
+    },
+    units::format_bytes,
+};
+
+/// The column headers of `ps`.
+const PS_HEADER: [&str; 8] = [
+    "PID", "RUNTIME", "MODEL", "WEIGHTS", "KV", "RSS", "LEVEL", "ETA",
+];
+
+/// The indentation of a section's continuation lines.
+const INDENT: &str = "          ";
+
+/// `ps`: one line per workload (pid, runtime, model file, weights resident/size, KV cache
+/// now/max, RSS, risk level and time to OOM), or a line saying there are none.
+pub fn render_ps(reply: &PsReply) -> String {
+    if reply.workloads.is_empty() {
+        return "no AI workloads are tracked\n".to_owned();
+    }
+    let rows: Vec<Vec<String>> = reply.workloads.iter().map(ps_row).collect();
+    table(&PS_HEADER, &rows)
+}
+
+/// One workload's cells, in [`PS_HEADER`]'s order.
+fn ps_row(w: &Workload) -> Vec<String> {
+    let model = Path::new(&w.model).file_name().map_or_else(
+        || "-".to_owned(),
+        |name| escape(&name.to_string_lossy()).into_owned(),
+    );
+    let weights = if w.weights_bytes == 0 {
+        "-".to_owned()
+    } else {
+        format!(
+            "{}/{}",
+            format_bytes(w.weights_resident_bytes),
+            format_bytes(w.weights_bytes)
+        )
+    };
+    let kv = format!(
+        "{}/{}",
+        maybe_bytes(w.kv_bytes_now),
+        maybe_bytes(w.kv_bytes_max)
+    );
+    vec![
+        w.pid.to_string(),
+        escape(&w.runtime).into_owned(),
+        model,
+        weights,
+        kv,
+        format_bytes(w.rss_bytes),
+        level(w.risk.as_ref()),
+        eta(w.risk.as_ref()),
+    ]
+}
+
+/// Left-aligned columns two spaces apart, the header first.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let header: Vec<String> = header.iter().map(|h| (*h).to_owned()).collect();
+    let mut out = String::new();
+    for row in std::iter::once(&header).chain(rows) {
+        let line: String = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}  "))
+            .collect();
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `status`: the host, each memory cgroup, recent OOM kills and the agent itself.
+pub fn render_status(reply: &StatusReply) -> String {
+    let mut out = String::new();
+    match &reply.host {
+        Some(host) => host_section(&mut out, host),
+        None => out.push_str("host      unknown\n"),
+    }
+    cgroups_section(&mut out, &reply.cgroups);
+    oom_section(&mut out, &reply.oom_kills);
+    if let Some(daemon) = &reply.daemon {
+        daemon_section(&mut out, daemon);
+    }
+    out
+}
+
+/// The host's memory, swap, model files, pressure and risk.
+fn host_section(out: &mut String, host: &HostStatus) {
+    let _ = writeln!(
+        out,
+        "host      memory {} total, {} available, {} free; used {}{}",
+        format_bytes(host.mem_total_bytes),
+        format_bytes(host.mem_available_bytes),
+        format_bytes(host.mem_free_bytes),
+        format_bytes(host.used_bytes),
+        if host.limit_bytes == 0 {
+            String::new()
+        } else {
+            format!(" of {} it can hold", format_bytes(host.limit_bytes))
+        },
+    );
+    let _ = writeln!(
+        out,
+        "{INDENT}swap {} total, {} free; model files {} resident{}",
+        format_bytes(host.swap_total_bytes),
+        format_bytes(host.swap_free_bytes),
+        format_bytes(host.model_file_bytes),
+        pressure(host.psi_some_avg10, host.psi_full_avg10),
+    );
+    risk_lines(out, host.risk.as_ref());
+}
+
+/// The memory cgroups holding tracked processes.
+fn cgroups_section(out: &mut String, cgroups: &[CgroupStatus]) {
+    if cgroups.is_empty() {
+        out.push_str("cgroups   none holds a tracked process\n");
+        return;
+    }
+    out.push_str("cgroups\n");
+    for c in cgroups {
+        let limit = match (c.limit_bytes, c.effective_limit_bytes) {
+            (Some(own), Some(eff)) if eff < own => {
+                format!("{} (effective {})", format_bytes(own), format_bytes(eff))
+            }
+            (None, Some(eff)) => format!("unlimited (effective {})", format_bytes(eff)),
+            (own, _) => maybe_limit(own),
+        };
+        let _ = writeln!(
+            out,
+            "  {} ({}): usage {} of {}; {} processes; oom kills {}, high events {}, max events {}{}",
+            escape(&c.path),
+            escape(&c.version),
+            format_bytes(c.usage_bytes),
+            limit,
+            c.processes,
+            c.oom_kills,
+            c.high_events,
+            c.max_events,
+            pressure(c.psi_some_avg10, None),
+        );
+        risk_lines(out, c.risk.as_ref());
+    }
+}
+
+/// The OOM kills the probes saw, oldest first.
+fn oom_section(out: &mut String, kills: &[OomKill]) {
+    if kills.is_empty() {
+        out.push_str("oom kills none since the agent started\n");
+        return;
+    }
+    out.push_str("oom kills\n");
+    for k in kills {
+        let memcg = if k.memcg.is_empty() {
+            String::new()
+        } else {
+            format!(" in {}", escape(&k.memcg))
+        };
+        let _ = writeln!(
+            out,
+            "  {}  pid {} ({}){memcg}: anon {}, file {}{}",
+            date_time(k.ts_unix),
+            k.pid,
+            escape(&k.comm),
+            maybe_bytes(k.rss_anon_bytes),
+            maybe_bytes(k.rss_file_bytes),
+            k.uid.map(|uid| format!(", uid {uid}")).unwrap_or_default(),
+        );
+    }
+}
+
+/// The agent: pid, version, mode, eBPF and its counters.
+fn daemon_section(out: &mut String, d: &DaemonInfo) {
+    let ebpf = if d.ebpf {
+        format!("eBPF on ({} events, {} dropped)", d.events, d.ringbuf_drops)
+    } else if d.ebpf_reason.is_empty() {
+        "eBPF off".to_owned()
+    } else {
+        format!("eBPF off ({})", escape(&d.ebpf_reason))
+    };
+    let _ = writeln!(
+        out,
+        "agent     pid {}, version {}, mode {}, {ebpf}, {} processes tracked",
+        d.pid,
+        escape(&d.version),
+        escape(&d.mode),
+        d.processes,
+    );
+    for probe in &d.probes_unavailable {
+        let _ = writeln!(out, "{INDENT}probe unavailable: {}", escape(probe));
+    }
+}
+
+/// The level and time to OOM, then the domain, victim, thrashing and each reason.
+fn risk_lines(out: &mut String, risk: Option<&Assessment>) {
+    let Some(r) = risk else {
+        return;
+    };
+    let mut line = format!("{INDENT}risk {}", escape(&r.level));
+    if let Some(secs) = r.eta_seconds {
+        let _ = write!(line, ", OOM in {}", format_eta(secs));
+        if let (Some(low), Some(high)) = (r.eta_low_seconds, r.eta_high_seconds) {
+            let _ = write!(line, " ({}..{})", format_eta(low), format_eta(high));
+        }
+    }
+    if let Some(domain) = &r.domain {
+        let _ = write!(line, " in {}", escape(domain));
+    }
+    if let Some(victim) = r.victim_pid {
+        let _ = write!(line, ", victim pid {victim}");
+    }
+    if r.thrashing {
+        line.push_str(", model weights thrashing");
+    }
+    let _ = writeln!(out, "{line}");
+    for reason in &r.reasons {
+        let _ = writeln!(out, "{INDENT}  {}", escape(reason));
+    }
+}
+
+/// `watch`: one line per update: time, target, level, time to OOM, resident bytes against
+/// the limit, thrashing, the first reason, and how the target ended on the last line.
+pub fn render_watch_line(update: &WatchUpdate) -> String {
+    let risk = update.risk.as_ref();
+    let mut line = format!(
+        "{}  {}  {:<8}  eta {:<6}  rss {}/{}",
+        clock(update.ts),
+        escape(&update.target),
+        level(risk),
+        eta(risk),
+        maybe_bytes(update.rss_bytes),
+        update
+            .limit_bytes
+            .map_or_else(|| "-".to_owned(), format_bytes),
+    );
+    if risk.is_some_and(|r| r.thrashing) {
+        line.push_str("  thrashing");
+    }
+    if let Some(reason) = risk.and_then(|r| r.reasons.first()) {
+        let _ = write!(line, "  {}", escape(reason));
+    }
+    if update.ended {
+        let _ = write!(line, "  ended: {}", escape(&update.end_reason));
+    }
+    line
+}
+
+/// One `watch --json` line, without its newline.
+#[derive(Serialize)]
+struct WatchJson<'a> {
+    ts: f64,
+    target: &'a str,
+    level: &'a str,
+    eta_seconds: Option<f64>,
+    domain: Option<&'a str>,
+    victim_pid: Option<u32>,
+    thrashing: bool,
+    reasons: &'a [String],
+    rss_bytes: Option<u64>,
+    limit_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "is_false")]
+    ended: bool,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    end_reason: &'a str,
+}
+
+/// Whether `b` is false (for serde's `skip_serializing_if`).
+fn is_false(b: &bool) -> bool {
+    !b
+}
+
+/// `watch --json`: the update as one JSON object, without a newline: `ts` (unix seconds),
+/// `target`, `level` (`unknown` without an assessment), `eta_seconds`, `domain`,
+/// `victim_pid`, `thrashing`, `reasons`, `rss_bytes`, `limit_bytes`, in that order, null when
+/// unknown; then, on the last update only, `"ended": true` and its `end_reason` (left out
+/// when the agent gives none).
+pub fn watch_json_line(update: &WatchUpdate) -> String {
+    let risk = update.risk.as_ref();
+    let line = WatchJson {
+        ts: update.ts,
+        target: &update.target,
+        level: risk.map_or("unknown", |r| r.level.as_str()),
+        eta_seconds: risk.and_then(|r| r.eta_seconds),
+        domain: risk.and_then(|r| r.domain.as_deref()),
+        victim_pid: risk.and_then(|r| r.victim_pid),
+        thrashing: risk.is_some_and(|r| r.thrashing),
+        reasons: risk.map_or(&[], |r| r.reasons.as_slice()),
+        rss_bytes: update.rss_bytes,
+        limit_bytes: update.limit_bytes,
+        ended: update.ended,
+        end_reason: &update.end_reason,
+    };
+    serde_json::to_string(&line).expect("a watch line serialises")
+}
+
+/// The risk level, `?` without an assessment.
+fn level(risk: Option<&Assessment>) -> String {
+    risk.map_or_else(|| "?".to_owned(), |r| escape(&r.level).into_owned())
+}
+
+/// The time to OOM, `-` when there is none.
+fn eta(risk: Option<&Assessment>) -> String {
+    risk.and_then(|r| r.eta_seconds)
+        .map_or_else(|| "-".to_owned(), format_eta)
+}
+
+/// A duration for people: `<1s`, `42s`, `3m10s`, `2h05m`; `-` when not a duration.
+pub fn format_eta(seconds: f64) -> String {
+    if !seconds.is_finite() || seconds < 0.0 {
+        return "-".to_owned();
+    }
+    let s = seconds.round() as u64;
+    match s {
+        0 => "<1s".to_owned(),
+        1..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    }
+}
+
+/// Bytes, `?` when unknown.
+fn maybe_bytes(bytes: Option<u64>) -> String {
+    bytes.map_or_else(|| "?".to_owned(), format_bytes)
+}
+
+/// A limit, `unlimited` when there is none.
+fn maybe_limit(bytes: Option<u64>) -> String {
+    bytes.map_or_else(|| "unlimited".to_owned(), format_bytes)
+}
+
+/// `; pressure some X% full Y% (avg10)` with what is known, or nothing.
+fn pressure(some: Option<f64>, full: Option<f64>) -> String {
+    let parts: Vec<String> = [("some", some), ("full", full)]
+        .into_iter()
+        .filter_map(|(name, v)| Some(format!("{name} {:.2}%", v?)))
+        .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("; pressure {} (avg10)", parts.join(" "))
+    }
+}
+
+/// `unix` as local `HH:MM:SS`, or the number when it is not a time.
+fn clock(unix: f64) -> String {
+    local_time(unix).map_or_else(
+        || format!("{unix:.0}"),
+        |tm| format!("{:02}:{:02}:{:02}", tm.tm_hour, tm.tm_min, tm.tm_sec),
+    )
+}
+
+/// `unix` as local `YYYY-MM-DD HH:MM:SS`, or the number when it is not a time.
+fn date_time(unix: f64) -> String {
+    local_time(unix).map_or_else(
+        || format!("{unix:.0}"),
+        |tm| {
+            format!(
+                "{}-{:02}-{:02} {:02}:{:02}:{:02}",
+                tm.tm_year + 1900,
+                tm.tm_mon + 1,
+                tm.tm_mday,
+                tm.tm_hour,
+                tm.tm_min,
+                tm.tm_sec
+            )
+        },
+    )
+}
+
+/// `unix` in the local time zone (libc's `localtime_r`).
+fn local_time(unix: f64) -> Option<libc::tm> {
+    if !unix.is_finite() || unix < 0.0 {
+        return None;
+    }
+    let time = unix.floor() as libc::time_t;
+    // SAFETY: `tm` is plain data (a null `tm_zone` is valid), and localtime_r only reads
+    // `time` and writes `tm`, both live for the call.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    let converted = unsafe { libc::localtime_r(&time, &mut tm) };
+    (!converted.is_null()).then_some(tm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+    const MIB: u64 = 1 << 20;
+
+    fn elevated() -> Assessment {
+        Assessment {
+            level: "elevated".into(),
+            eta_seconds: Some(190.2),
+            eta_low_seconds: Some(120.0),
+            eta_high_seconds: Some(300.0),
+            domain: Some("/user.slice".into()),
+            victim_pid: Some(4321),
+            thrashing: true,
+            reasons: vec!["rss grows 10 MiB/s\x1b[2J".into(), "second".into()],
+        }
+    }
+
+    fn workload() -> Workload {
+        Workload {
+            pid: 4321,
+            comm: "llama-server".into(),
+            runtime: "llama-cpp".into(),
+            model: "/models/qwen\x1b[2J.gguf".into(),
+            weights_bytes: 4 * GIB,
+            weights_resident_bytes: 3 * GIB,
+            kv_bytes_max: Some(512 * MIB),
+            rss_bytes: 5 * GIB,
+            risk: Some(elevated()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ps_is_a_table_of_workloads() {
+        let reply = PsReply {
+            workloads: vec![workload()],
+            daemon: None,
+        };
+        let text = render_ps(&reply);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].starts_with("PID   RUNTIME    MODEL"), "{text}");
+        let row = lines[1];
+        assert!(
+            row.starts_with("4321  llama-cpp  qwen\\x1b[2J.gguf"),
+            "{text}"
+        );
+        assert!(!row.contains("/models"), "{text}");
+        for cell in [
+            "3.00 GiB/4.00 GiB",
+            "?/512 MiB",
+            "5.00 GiB",
+            "elevated",
+            "3m10s",
+        ] {
+            assert!(row.contains(cell), "{cell}: {text}");
+        }
+        for column in ["MODEL", "WEIGHTS", "KV", "RSS", "LEVEL", "ETA"] {
+            let at = lines[0].find(column).unwrap();
+            assert_eq!(&row[at - 2..at], "  ", "{column} is aligned: {text}");
+            assert_ne!(&row[at..=at], " ", "{column} is aligned: {text}");
+        }
+    }
+
+    #[test]
+    fn ps_without_workloads_says_so_and_unknowns_are_marked() {
+        let empty = PsReply::default();
+        assert_eq!(render_ps(&empty), "no AI workloads are tracked\n");
+        let bare = PsReply {
+            workloads: vec![Workload {
+                pid: 1,
+                runtime: "unknown".into(),
+                ..Default::default()
+            }],
+            daemon: None,
+        };
+        let row = render_ps(&bare).lines().nth(1).unwrap().to_owned();
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cells, ["1", "unknown", "-", "-", "?/?", "0", "B", "?", "-"]);
+    }
+
+    #[test]
+    fn etas_read_like_durations() {
+        assert_eq!(format_eta(0.2), "<1s");
+        assert_eq!(format_eta(42.4), "42s");
+        assert_eq!(format_eta(190.0), "3m10s");
+        assert_eq!(format_eta(305.0), "5m05s");
+        assert_eq!(format_eta(7500.0), "2h05m");
+        assert_eq!(format_eta(f64::NAN), "-");
+        assert_eq!(format_eta(-1.0), "-");
+    }
+
+    #[test]
+    fn status_shows_host_cgroups_kills_and_agent() {
+        let reply = StatusReply {
+            host: Some(HostStatus {
+                mem_total_bytes: 64 * GIB,
+                mem_available_bytes: 40 * GIB,
+                mem_free_bytes: 30 * GIB,
+                swap_total_bytes: 8 * GIB,
+                swap_free_bytes: 8 * GIB,
+                model_file_bytes: 3 * GIB,
+                psi_some_avg10: Some(1.5),
+                psi_full_avg10: Some(0.0),
+                limit_bytes: 60 * GIB,
+                used_bytes: 20 * GIB,
+                risk: Some(Assessment {
+                    level: "ok".into(),
+                    ..Default::default()
+                }),
+            }),
+            cgroups: vec![CgroupStatus {
+                path: "/system.slice/llama\n.service".into(),
+                version: "v2".into(),
+                usage_bytes: GIB,
+                limit_bytes: Some(4 * GIB),
+                effective_limit_bytes: Some(2 * GIB),
+                oom_kills: 1,
+                processes: 2,
+                risk: Some(elevated()),
+                ..Default::default()
+            }],
+            oom_kills: vec![OomKill {
+                ts_unix: 1_700_000_000.0,
+                pid: 99,
+                comm: "evil\x1b]0;x\x07".into(),
+                memcg: "/system.slice/llama.service".into(),
+                rss_anon_bytes: Some(GIB),
+                rss_file_bytes: None,
+                uid: Some(1000),
+            }],
+            daemon: Some(DaemonInfo {
+                pid: 12,
+                version: "0.1.0".into(),
+                ebpf: false,
+                ebpf_reason: "no BTF".into(),
+                mode: "daemon".into(),
+                processes: 300,
+                probes_unavailable: vec!["oom/mark_victim: missing".into()],
+                ..Default::default()
+            }),
+        };
+        let text = render_status(&reply);
+        for part in [
+            "host      memory 64.0 GiB total, 40.0 GiB available, 30.0 GiB free; used 20.0 GiB of 60.0 GiB it can hold",
+            "swap 8.00 GiB total, 8.00 GiB free; model files 3.00 GiB resident; pressure some 1.50% full 0.00% (avg10)",
+            "risk ok\n",
+            "  /system.slice/llama\\n.service (v2): usage 1.00 GiB of 4.00 GiB (effective 2.00 GiB); 2 processes; oom kills 1",
+            "risk elevated, OOM in 3m10s (2m00s..5m00s) in /user.slice, victim pid 4321, model weights thrashing\n",
+            "rss grows 10 MiB/s\\x1b[2J\n",
+            "pid 99 (evil\\x1b]0;x\\x07) in /system.slice/llama.service: anon 1.00 GiB, file ?, uid 1000",
+            "agent     pid 12, version 0.1.0, mode daemon, eBPF off (no BTF), 300 processes tracked",
+            "probe unavailable: oom/mark_victim: missing",
+        ] {
+            assert!(text.contains(part), "{part:?} in\n{text}");
+        }
+        assert!(!text.contains('\x1b'), "{text}");
+        let sections: Vec<usize> = ["host ", "cgroups", "oom kills", "agent "]
+            .iter()
+            .map(|s| text.find(s).unwrap())
+            .collect();
+        assert!(sections.is_sorted(), "{text}");
+    }
+
+    #[test]
+    fn an_empty_status_says_what_is_missing() {
+        let text = render_status(&StatusReply::default());
+        assert_eq!(
+            text,
+            "host      unknown\ncgroups   none holds a tracked process\n\
+             oom kills none since the agent started\n"
+        );
+    }
+
+    fn update() -> WatchUpdate {
+        WatchUpdate {
+            ts: 1_700_000_000.5,
+            target: "pid 4321".into(),
+            risk: Some(elevated()),
+            rss_bytes: Some(5 * GIB),
+            limit_bytes: Some(8 * GIB),
+            ended: false,
+            end_reason: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_watch_line_has_time_target_risk_and_memory() {
+        let line = render_watch_line(&update());
+        let (time, rest) = line.split_at(8);
+        assert!(
+            time.bytes().enumerate().all(|(i, b)| if i == 2 || i == 5 {
+                b == b':'
+            } else {
+                b.is_ascii_digit()
+            }),
+            "{line}"
+        );
+        assert_eq!(
+            rest,
+            "  pid 4321  elevated  eta 3m10s   rss 5.00 GiB/8.00 GiB  thrashing  \
+             rss grows 10 MiB/s\\x1b[2J"
+        );
+        let last = WatchUpdate {
+            risk: None,
+            rss_bytes: None,
+            limit_bytes: None,
+            ended: true,
+            end_reason: "oom-killed".into(),
+            ..update()
+        };
+        assert!(
+            render_watch_line(&last)
+                .ends_with("  pid 4321  ?         eta -       rss ?/-  ended: oom-killed"),
+            "{}",
+            render_watch_line(&last)
+        );
+    }
+
+    #[test]
+    fn watch_json_lines_have_a_fixed_shape() {
+        assert_eq!(
+            watch_json_line(&update()),
+            r#"{"ts":1700000000.5,"target":"pid 4321","level":"elevated","eta_seconds":190.2,"domain":"/user.slice","victim_pid":4321,"thrashing":true,"reasons":["rss grows 10 MiB/s\u001b[2J","second"],"rss_bytes":5368709120,"limit_bytes":8589934592}"#
+        );
+        let last = WatchUpdate {
+            target: "host".into(),
+            risk: None,
+            rss_bytes: None,
+            limit_bytes: None,
+            ended: true,
+            end_reason: "exited".into(),
+            ..update()
+        };
+        assert_eq!(
+            watch_json_line(&last),
+            r#"{"ts":1700000000.5,"target":"host","level":"unknown","eta_seconds":null,"domain":null,"victim_pid":null,"thrashing":false,"reasons":[],"rss_bytes":null,"limit_bytes":null,"ended":true,"end_reason":"exited"}"#
+        );
+    }
+}
