@@ -6,9 +6,9 @@
 
 use std::{
     collections::HashMap,
-    sync::Arc,
     os::fd::{AsRawFd, RawFd},
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -23,10 +23,8 @@ use crate::{
         memory,
         process::{self, ProcessCounters, ProcessIdentity},
     },
-    model::{
-        self,
-    },
     daemon::{Agent, registry::ProcessKey},
+    model::{self},
     probes::{self, EventReader, OomVictim, ProbeError, ProbeOptions, Probes},
     report::{
         AllocationReport, CgroupReport, ErrorBody, ErrorReport, FaultReport, InspectReport,
@@ -284,7 +282,14 @@ pub async fn inspect_in_agent(
         })?;
         let reason = agent.ebpf_reason().map(str::to_owned);
         let window = (&start, &end);
-        build_report(&state, probes.as_deref(), reason, window, &start_faults, &risk)
+        build_report(
+            &state,
+            probes.as_deref(),
+            reason,
+            window,
+            &start_faults,
+            &risk,
+        )
     })
     .await
 }

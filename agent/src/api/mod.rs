@@ -51,7 +51,10 @@ impl Peer {
 pub enum WatchTarget {
     /// A process; `start_time` is filled in by the first update, so that a reused pid ends
     /// the watch instead of following another process.
-    Pid { pid: u32, start_time: Option<u64> },
+    Pid {
+        pid: u32,
+        start_time: Option<u64>,
+    },
     /// A memory cgroup, by its path in the hierarchy (e.g. `/system.slice/x.service`).
     Cgroup(String),
     Host,

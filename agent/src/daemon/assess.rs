@@ -107,11 +107,7 @@ fn cgroup_domain(registry: &Registry, path: &str, everyone: &[ProcessInput]) -> 
         samples: cgroup.samples.iter().copied().collect(),
         pressure_some_avg10: cgroup.pressure.map(|p| p.some.avg10),
         refault_file: Vec::new(),
-        processes: everyone
-            .iter()
-            .filter(|p| inside(p.pid))
-            .cloned()
-            .collect(),
+        processes: everyone.iter().filter(|p| inside(p.pid)).cloned().collect(),
     }
 }
 

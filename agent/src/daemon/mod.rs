@@ -15,7 +15,6 @@ pub mod analyse;
 pub mod assess;
 pub mod ingest;
 
-
 pub mod registry;
 pub mod sample;
 pub mod service;
@@ -177,7 +176,7 @@ impl Agent {
         !escapes
             && self
                 .layout
-            .memory_hierarchy()
+                .memory_hierarchy()
                 .is_some_and(|(_, mount)| mount.join(path.trim_start_matches('/')).is_dir())
     }
 

@@ -244,7 +244,11 @@ impl Registry {
 
     /// Removes the process with this identity, remembering how it ended.
     pub fn remove(&mut self, key: ProcessKey, reason: &'static str, now: Instant) {
-        if let Some(old) = self.process(key).is_some().then(|| self.processes.remove(&key.pid)) {
+        if let Some(old) = self
+            .process(key)
+            .is_some()
+            .then(|| self.processes.remove(&key.pid))
+        {
             self.remember_end(&old.expect("checked above"), reason, now);
         }
     }

@@ -158,13 +158,7 @@ fn sample_processes(agent: &Agent, t: f64) {
 }
 
 /// Reads one process's memory and OOM score and stores them with its fault count.
-fn read_process_memory(
-    agent: &Agent,
-    key: ProcessKey,
-    faults: Option<u64>,
-    t: f64,
-    now: Instant,
-) {
+fn read_process_memory(agent: &Agent, key: ProcessKey, faults: Option<u64>, t: f64, now: Instant) {
     let usage = memory::usage(key.pid).ok();
     let oom = open(key.pid).ok().and_then(|p| {
         Some((
@@ -217,7 +211,9 @@ fn sample_cgroups(agent: &Agent, t: f64) {
             .filter(|path| {
                 registry.cgroups.get(path).is_none_or(|c| {
                     c.last.effective_limit_bytes.is_some()
-                        || c.samples.back().is_none_or(|s| t - s.t >= UNLIMITED_CGROUP_S)
+                        || c.samples
+                            .back()
+                            .is_none_or(|s| t - s.t >= UNLIMITED_CGROUP_S)
                 })
             })
             .collect()

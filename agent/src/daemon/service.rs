@@ -134,7 +134,11 @@ pub fn assessment(a: &Assessment) -> proto::Assessment {
 }
 
 fn workload(p: &TrackedProcess) -> proto::Workload {
-    let report = p.model.report.as_ref().expect("filtered on model processes");
+    let report = p
+        .model
+        .report
+        .as_ref()
+        .expect("filtered on model processes");
     let prediction = report.prediction.as_ref();
     let main = prediction.map(|pr| pr.model_file.clone());
     let main_file = report
@@ -244,9 +248,10 @@ fn cgroup_status(registry: &Registry, path: &str, c: &TrackedCgroup) -> proto::C
 /// A cgroup is visible to those who see everything, and to a user with a process in it.
 fn visible_cgroup(registry: &Registry, peer: &Peer, path: &str) -> bool {
     peer.sees_all
-        || registry.processes.values().any(|p| {
-            p.uid == peer.uid && p.memcg.as_deref().is_some_and(|m| is_under(m, path))
-        })
+        || registry
+            .processes
+            .values()
+            .any(|p| p.uid == peer.uid && p.memcg.as_deref().is_some_and(|m| is_under(m, path)))
 }
 
 fn watch_process(

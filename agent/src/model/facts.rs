@@ -17,7 +17,11 @@ use crate::{
 
 /// What the model analysis needs: every mapped file (libraries name runtimes), the files the
 /// probes saw mapped, open files, and the large anonymous blocks (candidate KV caches).
-pub fn process_facts(state: &ProcessState, identity: &ProcessIdentity, vmas: &[Vma]) -> ProcessFacts {
+pub fn process_facts(
+    state: &ProcessState,
+    identity: &ProcessIdentity,
+    vmas: &[Vma],
+) -> ProcessFacts {
     let probe_blocks = state
         .live_allocations()
         .filter(|a| a.origin == Origin::Probe)
@@ -61,4 +65,3 @@ pub fn process_facts(state: &ProcessState, identity: &ProcessIdentity, vmas: &[V
         anon_blocks: probe_blocks.chain(proc_blocks).collect(),
     }
 }
-

@@ -63,7 +63,9 @@ pub fn profile(
 }
 
 fn lock() -> std::sync::MutexGuard<'static, Option<HashMap<FileKey, Parsed>>> {
-    CACHE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    CACHE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -263,8 +263,7 @@ impl Probes {
         requests
             .iter()
             .map(|&(tgid, ranges)| {
-                let covers =
-                    |b: &FileBucket| ranges.iter().any(|&(s, e)| b.start < e && b.end > s);
+                let covers = |b: &FileBucket| ranges.iter().any(|&(s, e)| b.start < e && b.end > s);
                 match &all {
                     Some(all) => all
                         .iter()
