@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::{
     collect::cgroup::{CgroupLayout, CgroupVersion},
-    probes::{self, ProbeOptions, Probes, offsets},
+    probes::{self, ProbeError, ProbeOptions, Probes, offsets},
     units::format_bytes,
 };
 
@@ -42,7 +42,7 @@ impl Check {
 
 /// Runs every check. Loading the probes is one of them, so this needs the same privileges as
 /// `inspect` to pass everything.
-pub fn run(options: &ProbeOptions) -> Vec<Check> {
+pub fn run(options: &ProbeOptions, agent: Option<&AgentProbes>) -> Vec<Check> {
     let mut checks = vec![
         Check::new("kernel version", true, kernel_version()),
         Check::new("privileges for eBPF", true, privileges()),
@@ -75,25 +75,35 @@ pub fn run(options: &ProbeOptions) -> Vec<Check> {
         },
     ));
     checks.push(Check::new("tracefs", false, tracefs()));
-    let loaded = Probes::load(options);
+    // A running agent owns the probes: ask it instead of attaching a second copy.
+    let loaded = match agent {
+        Some(_) => Err(ProbeError::NoneAttached(
+            "owned by the running agent".to_owned(),
+        )),
+        None => Probes::load(options),
+    };
     checks.push(Check::new(
         "probes load and attach",
         true,
-        loaded
-            .as_ref()
-            .map(|p| {
-                let attached = Probe::ALL.len() - p.unavailable().len();
-                format!(
-                    "{attached} of {} probes verified and attached",
-                    Probe::ALL.len()
-                )
-            })
-            .map_err(|e| e.to_string()),
+        match agent {
+            Some(agent) => agent.summary(),
+            None => loaded
+                .as_ref()
+                .map(|p| {
+                    let attached = Probe::ALL.len() - p.unavailable().len();
+                    format!(
+                        "{attached} of {} probes verified and attached",
+                        Probe::ALL.len()
+                    )
+                })
+                .map_err(|e| e.to_string()),
+        },
     ));
     for probe in Probe::ALL {
-        let outcome = match &btf {
-            Ok(btf) => probe_check(btf, loaded.as_ref().ok(), probe),
-            Err(_) => Err("unknown (no BTF)".to_owned()),
+        let outcome = match (&btf, agent) {
+            (Ok(btf), Some(agent)) => agent.probe_check(btf, probe),
+            (Ok(btf), None) => probe_check(btf, loaded.as_ref().ok(), probe),
+            (Err(_), _) => Err("unknown (no BTF)".to_owned()),
         };
         checks.push(Check::new(
             format!("probe {}", probe.tracepoint()),
@@ -210,16 +220,70 @@ fn tracefs() -> Result<String, String> {
 }
 
 /// Whether `probe` runs on this kernel, and if not, which features are off.
-fn probe_check(btf: &btf_rs::Btf, loaded: Option<&Probes>, probe: Probe) -> Result<String, String> {
-    let name = probe.tracepoint();
-    let lost = probes::lost_features(probe);
-    let typedef = format!("btf_trace_{name}");
-    if !btf
+/// The probes of the running agent, as its API reports them.
+#[derive(Debug, Clone)]
+pub struct AgentProbes {
+    pub pid: u32,
+    /// Why eBPF is off in the agent; None when its probes are loaded.
+    pub off: Option<String>,
+    /// `<tracepoint>: <why>` for each probe that did not attach.
+    pub unavailable: Vec<String>,
+}
+
+impl AgentProbes {
+    fn summary(&self) -> Result<String, String> {
+        match &self.off {
+            None => Ok(format!(
+                "{} of {} probes attached by the running agent (pid {}); not loaded again",
+                Probe::ALL.len() - self.unavailable.len(),
+                Probe::ALL.len(),
+                self.pid
+            )),
+            Some(why) => Err(format!(
+                "the running agent (pid {}) has none: {why}",
+                self.pid
+            )),
+        }
+    }
+
+    fn probe_check(&self, btf: &btf_rs::Btf, probe: Probe) -> Result<String, String> {
+        in_btf(btf, probe)?;
+        let prefix = format!("{}: ", probe.tracepoint());
+        if let Some(why) = self
+            .unavailable
+            .iter()
+            .find_map(|u| u.strip_prefix(&prefix))
+        {
+            return Err(format!("{why}; off: {}", probes::lost_features(probe)));
+        }
+        self.summary()?;
+        Ok(format!(
+            "attached to raw tracepoint {} by the running agent",
+            probe.tracepoint()
+        ))
+    }
+}
+
+/// Whether the kernel's BTF has the probe's tracepoint.
+fn in_btf(btf: &btf_rs::Btf, probe: Probe) -> Result<(), String> {
+    let typedef = format!("btf_trace_{}", probe.tracepoint());
+    if btf
         .resolve_ids_by_name(&typedef)
         .is_ok_and(|ids| !ids.is_empty())
     {
-        return Err(format!("no {typedef} in the kernel's BTF; off: {lost}"));
+        Ok(())
+    } else {
+        Err(format!(
+            "no {typedef} in the kernel's BTF; off: {}",
+            probes::lost_features(probe)
+        ))
     }
+}
+
+fn probe_check(btf: &btf_rs::Btf, loaded: Option<&Probes>, probe: Probe) -> Result<String, String> {
+    let name = probe.tracepoint();
+    let lost = probes::lost_features(probe);
+    in_btf(btf, probe)?;
     let Some(loaded) = loaded else {
         return Err(format!(
             "raw tracepoint {name} is in the kernel's BTF, but the probes did not load"

@@ -15,6 +15,7 @@
 
 pub mod api;
 pub mod collect;
+pub mod commands;
 pub mod daemon;
 pub mod doctor;
 pub mod inspect;

@@ -2,10 +2,12 @@
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use infermem::{
+    api::DEFAULT_SOCKET,
+    api::WatchTarget,
+    commands::{self, ClientOptions, print_json},
     doctor,
-    inspect::{self, InspectOptions},
     model::{
         ggml::GgmlType,
         plan::{self, PlanRequest, Strategy},
@@ -21,55 +23,51 @@ struct Cli {
     /// Kernel BTF used to attach the probes and resolve kernel structures.
     #[arg(long, global = true, default_value = DEFAULT_BTF_PATH, value_name = "PATH")]
     btf: PathBuf,
+    /// The agent's socket (default: the config's `api.socket`, /run/infermem/infermem.sock).
+    #[arg(long, global = true, env = "INFERMEM_SOCKET", value_name = "PATH")]
+    socket: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the agent in the foreground: probes, registry, predictor and the local API.
+    Run {
+        /// The config file (default /etc/infermem/config.toml; every key has a default).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// List the AI workloads: runtime, model, weights resident, KV cache, risk.
+    Ps {
+        /// Print the reply as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The host's and memory cgroups' memory, risk and recent OOM kills.
+    Status {
+        /// Print the reply as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a line per second about a process, a cgroup or the host until it ends.
+    Watch(WatchArgs),
     /// Report one process's memory: RSS split, model mappings, fault rates, cgroup, OOM score.
     Inspect {
         /// The process to inspect.
         pid: u32,
         /// How long to sample fault rates and watch allocations, e.g. 2s, 500ms.
-        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        #[arg(long, default_value = "2s", value_parser = units::parse_duration)]
         duration: Duration,
         /// Print the JSON contract documented in the README instead of text.
         #[arg(long)]
         json: bool,
-        /// Fail instead of falling back to procfs when eBPF is unavailable.
+        /// Fail instead of falling back to procfs when eBPF is unavailable (standalone).
         #[arg(long)]
         require_ebpf: bool,
     },
     /// Advise how to run a model file: GPU layers, context, expected RAM and VRAM.
-    Plan {
-        /// The model file (GGUF, or safetensors with its config.json beside it).
-        model: PathBuf,
-        /// Context to plan for, in tokens (default: the model's trained context).
-        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 26))]
-        ctx: Option<u64>,
-        /// Parallel sequences (llama.cpp -np).
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=4096))]
-        parallel: u64,
-        /// KV cache element type (f16, q8_0, q4_0, ...).
-        #[arg(long, default_value = "f16", value_parser = parse_cache_type)]
-        cache_type: GgmlType,
-        /// Plan without flash attention (llama.cpp then stores V transposed and needs an f16 V).
-        #[arg(long)]
-        no_flash_attn: bool,
-        /// GPU memory to plan for: bytes (24G, 8GiB...) or `auto` (free memory of the first
-        /// NVIDIA GPU; none without one).
-        #[arg(long, default_value = "auto")]
-        vram: String,
-        /// RAM to plan for: bytes or `auto` (MemAvailable).
-        #[arg(long, default_value = "auto")]
-        ram: String,
-        #[arg(long, value_enum, default_value_t = Strategy::Balanced)]
-        strategy: Strategy,
-        /// Print JSON instead of text.
-        #[arg(long)]
-        json: bool,
-    },
+    Plan(PlanArgs),
     /// Check the kernel features infermem needs or can use.
     Doctor {
         /// Print the checks as JSON.
@@ -78,27 +76,69 @@ enum Command {
     },
 }
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (number, scale) = if let Some(ms) = text.strip_suffix("ms") {
-        (ms, 1e-3)
-    } else if let Some(s) = text.strip_suffix('s') {
-        (s, 1.0)
-    } else if let Some(m) = text.strip_suffix('m') {
-        (m, 60.0)
-    } else if let Some(h) = text.strip_suffix('h') {
-        (h, 3600.0)
-    } else {
-        (text, 1.0)
-    };
-    let seconds: f64 = number
-        .trim()
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration (examples: 2s, 500ms, 1m, 1h)"))?;
-    if !(seconds * scale).is_finite() || seconds <= 0.0 {
-        return Err(format!("{text:?} must be a positive duration"));
+#[derive(Debug, Args)]
+struct WatchArgs {
+    #[command(flatten)]
+    target: WatchTargetArgs,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+struct WatchTargetArgs {
+    /// The process to watch.
+    pid: Option<u32>,
+    /// A memory cgroup, by its path in the hierarchy (e.g. /system.slice/ollama.service).
+    #[arg(long, value_name = "PATH")]
+    cgroup: Option<String>,
+    /// The host.
+    #[arg(long)]
+    host: bool,
+}
+
+impl WatchTargetArgs {
+    fn target(&self) -> WatchTarget {
+        match (self.pid, &self.cgroup) {
+            (Some(pid), _) => WatchTarget::Pid {
+                pid,
+                start_time: None,
+            },
+            (None, Some(path)) => WatchTarget::Cgroup(path.clone()),
+            (None, None) => WatchTarget::Host,
+        }
     }
-    Ok(Duration::from_secs_f64(seconds * scale))
+}
+
+#[derive(Debug, Args)]
+struct PlanArgs {
+    /// The model file (GGUF, or safetensors with its config.json beside it).
+    model: PathBuf,
+    /// Context to plan for, in tokens (default: the model's trained context).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 26))]
+    ctx: Option<u64>,
+    /// Parallel sequences (llama.cpp -np).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    parallel: u64,
+    /// KV cache element type (f16, q8_0, q4_0, ...).
+    #[arg(long, default_value = "f16", value_parser = parse_cache_type)]
+    cache_type: GgmlType,
+    /// Plan without flash attention (llama.cpp then stores V transposed and needs an f16 V).
+    #[arg(long)]
+    no_flash_attn: bool,
+    /// GPU memory to plan for: bytes (24G, 8GiB...) or `auto` (free memory of the first
+    /// NVIDIA GPU; none without one).
+    #[arg(long, default_value = "auto")]
+    vram: String,
+    /// RAM to plan for: bytes or `auto` (MemAvailable).
+    #[arg(long, default_value = "auto")]
+    ram: String,
+    #[arg(long, value_enum, default_value_t = Strategy::Balanced)]
+    strategy: Strategy,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 fn parse_cache_type(text: &str) -> Result<GgmlType, String> {
@@ -134,14 +174,6 @@ fn budget(
     }
 }
 
-/// Prints a report as pretty JSON on stdout.
-fn print_json(value: &impl serde::Serialize) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).expect("reports serialise")
-    );
-}
-
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -153,78 +185,31 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let probes = ProbeOptions {
-        btf_path: cli.btf,
+        btf_path: cli.btf.clone(),
         ..ProbeOptions::default()
     };
+    let socket = cli
+        .socket
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+    let client = ClientOptions {
+        socket: &socket,
+        probes,
+    };
     match cli.command {
+        Command::Run { config } => commands::run(config.as_deref(), cli.socket.as_deref()),
+        Command::Ps { json } => commands::ps(&client, json),
+        Command::Status { json } => commands::status(&client, json),
+        Command::Watch(args) => commands::watch(&client, args.target.target(), args.json),
         Command::Inspect {
             pid,
             duration,
             json,
             require_ebpf,
-        } => run_inspect(
-            InspectOptions {
-                pid,
-                duration,
-                probes,
-                require_ebpf,
-            },
-            json,
-        ),
-        Command::Plan {
-            model,
-            ctx,
-            parallel,
-            cache_type,
-            no_flash_attn,
-            vram,
-            ram,
-            strategy,
-            json,
-        } => {
-            let mut notes = Vec::new();
-            let budgets = budget(&ram, "RAM", plan::available_ram, &mut notes).and_then(|ram| {
-                Ok((
-                    ram,
-                    budget(&vram, "VRAM", plan::available_vram, &mut notes)?,
-                ))
-            });
-            let (ram_bytes, vram_bytes) = match budgets {
-                Ok(budgets) => budgets,
-                Err(err) => {
-                    eprintln!("error: {}", report::text::escape(&err.to_string()));
-                    return ExitCode::FAILURE;
-                }
-            };
-            let request = PlanRequest {
-                model,
-                ctx,
-                parallel,
-                cache_type,
-                flash_attn: !no_flash_attn,
-                ram_bytes,
-                vram_bytes,
-                strategy,
-                cpu_backend: infermem::model::cpu_backend::release_build_on_host(),
-            };
-            match plan::plan(&request) {
-                Ok(mut report) => {
-                    report.notes.splice(0..0, notes);
-                    if json {
-                        print_json(&report);
-                    } else {
-                        print!("{}", report::model_text::render_plan(&report));
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(err) => {
-                    eprintln!("error: {}", report::text::escape(&err.to_string()));
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        } => commands::inspect(&client, pid, duration, json, require_ebpf),
+        Command::Plan(args) => run_plan(args),
         Command::Doctor { json } => {
-            let checks = doctor::run(&probes);
+            let checks = doctor::run(&client.probes, commands::agent_probes(&client).as_ref());
             if json {
                 print_json(&checks);
             } else {
@@ -239,29 +224,43 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_inspect(options: InspectOptions, json: bool) -> ExitCode {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
-    match runtime.block_on(inspect::inspect(&options)) {
-        Ok(report) => {
-            if json {
+fn run_plan(args: PlanArgs) -> ExitCode {
+    let mut notes = Vec::new();
+    let budgets = budget(&args.ram, "RAM", plan::available_ram, &mut notes).and_then(|ram| {
+        Ok((
+            ram,
+            budget(&args.vram, "VRAM", plan::available_vram, &mut notes)?,
+        ))
+    });
+    let (ram_bytes, vram_bytes) = match budgets {
+        Ok(budgets) => budgets,
+        Err(err) => {
+            eprintln!("error: {}", report::text::escape(&err.to_string()));
+            return ExitCode::FAILURE;
+        }
+    };
+    let request = PlanRequest {
+        model: args.model,
+        ctx: args.ctx,
+        parallel: args.parallel,
+        cache_type: args.cache_type,
+        flash_attn: !args.no_flash_attn,
+        ram_bytes,
+        vram_bytes,
+        strategy: args.strategy,
+        cpu_backend: infermem::model::cpu_backend::release_build_on_host(),
+    };
+    match plan::plan(&request) {
+        Ok(mut report) => {
+            report.notes.splice(0..0, notes);
+            if args.json {
                 print_json(&report);
             } else {
-                print!("{}", report::text::render(&report));
-                if let Some(reason) = &report.sources.reason {
-                    eprintln!(
-                        "note: eBPF is off ({reason}); fault split and mapping faults need it"
-                    );
-                }
+                print!("{}", report::model_text::render_plan(&report));
             }
             ExitCode::SUCCESS
         }
         Err(err) => {
-            if json {
-                print_json(&err.to_report());
-            }
             eprintln!("error: {}", report::text::escape(&err.to_string()));
             ExitCode::FAILURE
         }

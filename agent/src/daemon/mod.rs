@@ -14,6 +14,8 @@
 pub mod analyse;
 pub mod assess;
 pub mod ingest;
+pub mod lifecycle;
+pub mod notify;
 
 pub mod registry;
 pub mod sample;
