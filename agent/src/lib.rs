@@ -16,6 +16,7 @@
 pub mod api;
 pub mod collect;
 pub mod commands;
+pub mod config;
 pub mod daemon;
 pub mod doctor;
 pub mod inspect;

@@ -2,12 +2,17 @@
 //! SIGHUP, stops cleanly on SIGTERM or SIGINT (the probes are detached when the agent is
 //! dropped), and talks to systemd (READY, RELOADING, STOPPING, WATCHDOG) when asked to.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     api::server::{self, ServerOptions},
+    config::{self, AgentConfig},
     probes::ProbeOptions,
 };
 
@@ -32,20 +37,37 @@ pub struct RunOptions {
 }
 
 impl RunOptions {
-    /// The options from the config file at `path` (default: all defaults).
-    pub fn load(path: Option<&std::path::Path>) -> Result<RunOptions, String> {
-        if let Some(path) = path {
-            return Err(format!("{}: config files are not read yet", path.display()));
-        }
+    /// The options from the config file at `path` (default [`config::DEFAULT_PATH`], all
+    /// defaults when it does not exist); SIGHUP re-reads the same file.
+    pub fn load(path: Option<&Path>) -> Result<RunOptions, String> {
+        let (config, source) = config::load(path).map_err(|e| e.to_string())?;
+        let (socket_gid, admin_gid) = config.group_ids()?;
+        let explicit = path.is_some();
         Ok(RunOptions {
-            probes: ProbeOptions::default(),
-            settings: Settings::default(),
-            socket: PathBuf::from(crate::api::DEFAULT_SOCKET),
-            socket_mode: server::DEFAULT_SOCKET_MODE,
-            socket_gid: None,
-            admin_gid: None,
-            reload: Box::new(|| Ok(Settings::default())),
+            probes: config.probes.probe_options(),
+            settings: settings(&config),
+            socket: config.api.socket.clone(),
+            socket_mode: config.api.socket_mode.0,
+            socket_gid,
+            admin_gid,
+            reload: Box::new(move || {
+                let path = explicit.then_some(source.as_path());
+                let (config, _) = config::load(path).map_err(|e| e.to_string())?;
+                Ok(settings(&config))
+            }),
         })
+    }
+}
+
+/// What a reload can change: the collectors' schedule and the predictor's thresholds.
+fn settings(config: &AgentConfig) -> Settings {
+    Settings {
+        predictor: config.predictor.to_predict(),
+        interval: config.collect.interval.0,
+        model_interval: config.collect.model_process_interval.0,
+        idle_interval: config.collect.idle_process_interval.0,
+        model_min_bytes: config.probes.model_mapping_min.0,
+        max_processes: config.collect.max_processes,
     }
 }
 

@@ -1,0 +1,490 @@
+//! The agent's configuration: TOML at `/etc/infermem/config.toml` (or `infermem run
+//! --config FILE`). Every key is optional and has a default; `systemd/config.toml` lists them
+//! all with their defaults and what they do. An unknown key, a wrong type or a bad value is an
+//! error that names the file, the line and the key.
+
+use std::{
+    fmt,
+    ops::Range,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Deserializer, de::Error as _};
+
+use crate::{predict, probes::ProbeOptions, units};
+
+/// Where the config is read from unless `--config` names a file.
+pub const DEFAULT_PATH: &str = "/etc/infermem/config.toml";
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    pub api: ApiConfig,
+    pub probes: ProbesConfig,
+    pub collect: CollectConfig,
+    pub predictor: PredictorConfig,
+}
+
+/// `[api]`: the local socket and who may see what.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    pub socket: PathBuf,
+    /// Octal permission bits of the socket.
+    pub socket_mode: Mode,
+    /// Group owning the socket: its members may connect. Default: `infermem` when that group
+    /// exists, else none (root only).
+    pub socket_group: Option<String>,
+    /// Members of this group see every process; others see only their own. Default: none
+    /// (root only).
+    pub admin_group: Option<String>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            socket: PathBuf::from(crate::api::DEFAULT_SOCKET),
+            socket_mode: Mode(0o660),
+            socket_group: group_id("infermem").map(|_| "infermem".to_owned()),
+            admin_group: None,
+        }
+    }
+}
+
+/// `[probes]`: which kernel BTF, and which file mappings get fault buckets.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbesConfig {
+    pub btf: PathBuf,
+    /// File mappings from this size up get fault buckets (and make a process a model
+    /// candidate).
+    pub model_mapping_min: Bytes,
+    /// The most 2 MiB buckets one process may own.
+    pub buckets_per_process: u64,
+}
+
+impl Default for ProbesConfig {
+    fn default() -> Self {
+        let policy = infermem_common::BucketPolicy::HOST;
+        ProbesConfig {
+            btf: PathBuf::from(crate::probes::DEFAULT_BTF_PATH),
+            model_mapping_min: Bytes(policy.min_mapping_bytes),
+            buckets_per_process: policy.max_per_process,
+        }
+    }
+}
+
+/// `[collect]`: how often the collectors read what.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CollectConfig {
+    /// The sampling tick: host, cgroups, and the predictor's evaluation.
+    pub interval: Interval,
+    /// `smaps_rollup` of model (and watched) processes.
+    pub model_process_interval: Interval,
+    /// `smaps_rollup` of other processes (it takes their mmap lock).
+    pub idle_process_interval: Interval,
+    /// The most processes tracked.
+    pub max_processes: usize,
+}
+
+impl Default for CollectConfig {
+    fn default() -> Self {
+        CollectConfig {
+            interval: Interval(Duration::from_secs(1)),
+            model_process_interval: Interval(Duration::from_secs(1)),
+            idle_process_interval: Interval(Duration::from_secs(30)),
+            max_processes: 65_536,
+        }
+    }
+}
+
+/// `[predictor]`: the thresholds of `docs/predictor.md`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PredictorConfig {
+    pub window: Interval,
+    pub recent_window: Interval,
+    pub min_samples: usize,
+    pub min_span: Interval,
+    pub flat_bytes: Bytes,
+    pub flat_fraction: f64,
+    pub noise_factor: f64,
+    pub stopped_ratio: f64,
+    pub critical_eta: Interval,
+    pub critical_headroom: f64,
+    pub elevated_eta: Interval,
+    pub elevated_headroom: f64,
+    pub psi_some_elevated: f64,
+    pub model_fault_rate: f64,
+    pub refault_pages_per_s: f64,
+    pub confirm_critical: u32,
+    pub calm_evaluations: u32,
+}
+
+impl Default for PredictorConfig {
+    fn default() -> Self {
+        let d = predict::Config::default();
+        let secs = |s: f64| Interval(Duration::from_secs_f64(s));
+        PredictorConfig {
+            window: secs(d.window_s),
+            recent_window: secs(d.recent_window_s),
+            min_samples: d.min_samples,
+            min_span: secs(d.min_span_s),
+            flat_bytes: Bytes(d.flat_bytes),
+            flat_fraction: d.flat_fraction,
+            noise_factor: d.noise_factor,
+            stopped_ratio: d.stopped_ratio,
+            critical_eta: secs(d.critical_eta_s),
+            critical_headroom: d.critical_headroom,
+            elevated_eta: secs(d.elevated_eta_s),
+            elevated_headroom: d.elevated_headroom,
+            psi_some_elevated: d.psi_some_elevated,
+            model_fault_rate: d.model_fault_rate,
+            refault_pages_per_s: d.refault_pages_per_s,
+            confirm_critical: d.confirm_critical,
+            calm_evaluations: d.calm_evaluations,
+        }
+    }
+}
+
+impl PredictorConfig {
+    /// The predictor's thresholds.
+    pub fn to_predict(&self) -> predict::Config {
+        predict::Config {
+            window_s: self.window.0.as_secs_f64(),
+            recent_window_s: self.recent_window.0.as_secs_f64(),
+            min_samples: self.min_samples,
+            min_span_s: self.min_span.0.as_secs_f64(),
+            flat_bytes: self.flat_bytes.0,
+            flat_fraction: self.flat_fraction,
+            noise_factor: self.noise_factor,
+            stopped_ratio: self.stopped_ratio,
+            critical_eta_s: self.critical_eta.0.as_secs_f64(),
+            critical_headroom: self.critical_headroom,
+            elevated_eta_s: self.elevated_eta.0.as_secs_f64(),
+            elevated_headroom: self.elevated_headroom,
+            psi_some_elevated: self.psi_some_elevated,
+            model_fault_rate: self.model_fault_rate,
+            refault_pages_per_s: self.refault_pages_per_s,
+            confirm_critical: self.confirm_critical,
+            calm_evaluations: self.calm_evaluations,
+        }
+    }
+
+    /// The first rule a value breaks: `(key, why)`.
+    fn check(&self) -> Option<(&'static str, String)> {
+        let fraction = |v: f64| (0.0..=1.0).contains(&v);
+        let checks: [(&'static str, bool, &str); 8] = [
+            (
+                "window",
+                self.window.0 >= self.recent_window.0,
+                "must be at least recent_window",
+            ),
+            ("min_samples", self.min_samples >= 3, "must be at least 3"),
+            (
+                "flat_fraction",
+                fraction(self.flat_fraction),
+                "must be within 0..=1",
+            ),
+            (
+                "stopped_ratio",
+                fraction(self.stopped_ratio),
+                "must be within 0..=1",
+            ),
+            (
+                "critical_headroom",
+                fraction(self.critical_headroom),
+                "must be within 0..=1",
+            ),
+            (
+                "elevated_headroom",
+                fraction(self.elevated_headroom),
+                "must be within 0..=1",
+            ),
+            (
+                "elevated_eta",
+                self.elevated_eta.0 >= self.critical_eta.0,
+                "must be at least critical_eta",
+            ),
+            (
+                "confirm_critical",
+                self.confirm_critical >= 1,
+                "must be at least 1",
+            ),
+        ];
+        checks
+            .into_iter()
+            .find(|(_, ok, _)| !ok)
+            .map(|(key, _, why)| (key, why.to_owned()))
+    }
+}
+
+impl ProbesConfig {
+    /// The probes' options.
+    pub fn probe_options(&self) -> ProbeOptions {
+        ProbeOptions {
+            btf_path: self.btf.clone(),
+            buckets: infermem_common::BucketPolicy {
+                min_mapping_bytes: self.model_mapping_min.0,
+                max_per_process: self.buckets_per_process,
+            },
+        }
+    }
+}
+
+/// A byte size: an integer, or a string such as `"64MiB"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bytes(pub u64);
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match NumberOrText::deserialize(d)? {
+            NumberOrText::Number(n) => u64::try_from(n).map(Bytes).map_err(D::Error::custom),
+            NumberOrText::Text(t) => units::parse_bytes(&t).map(Bytes).map_err(D::Error::custom),
+        }
+    }
+}
+
+/// A positive duration: a string such as `"500ms"`, `"2s"`, `"1m"`, or a number of seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interval(pub Duration);
+
+impl<'de> Deserialize<'de> for Interval {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = match NumberOrText::deserialize(d)? {
+            NumberOrText::Number(n) => n.to_string(),
+            NumberOrText::Text(t) => t,
+        };
+        units::parse_duration(&text)
+            .map(Interval)
+            .map_err(D::Error::custom)
+    }
+}
+
+/// Socket permission bits: a string of octal digits (`"0660"`) or an integer (`0o660`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mode(pub u32);
+
+impl<'de> Deserialize<'de> for Mode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mode = match NumberOrText::deserialize(d)? {
+            NumberOrText::Number(n) => u32::try_from(n).map_err(D::Error::custom)?,
+            NumberOrText::Text(t) => u32::from_str_radix(t.trim(), 8)
+                .map_err(|_| D::Error::custom(format!("{t:?} is not octal, e.g. \"0660\"")))?,
+        };
+        if mode > 0o777 {
+            return Err(D::Error::custom(format!(
+                "{mode:o} is not a permission mode"
+            )));
+        }
+        Ok(Mode(mode))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumberOrText {
+    Number(i64),
+    Text(String),
+}
+
+/// Why the config was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: {source}", .path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}:{line}:{column}: {message}", .path.display())]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}
+
+impl AgentConfig {
+    /// The groups' ids: `(socket group, admin group)`; an unknown group name is an error.
+    pub fn group_ids(&self) -> Result<(Option<u32>, Option<u32>), String> {
+        let resolve = |name: &Option<String>, key: &str| match name {
+            None => Ok(None),
+            Some(name) => group_id(name)
+                .map(Some)
+                .ok_or_else(|| format!("[api] {key}: no group named {name:?} in /etc/group")),
+        };
+        Ok((
+            resolve(&self.api.socket_group, "socket_group")?,
+            resolve(&self.api.admin_group, "admin_group")?,
+        ))
+    }
+}
+
+/// Reads the config at `path`, or at [`DEFAULT_PATH`] (all defaults when it does not exist).
+pub fn load(path: Option<&Path>) -> Result<(AgentConfig, PathBuf), ConfigError> {
+    let (path, explicit) = match path {
+        Some(path) => (path.to_owned(), true),
+        None => (PathBuf::from(DEFAULT_PATH), false),
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok((parse(&text, &path)?, path)),
+        Err(err) if !explicit && err.kind() == std::io::ErrorKind::NotFound => {
+            tracing::info!("no {DEFAULT_PATH}: every setting at its default");
+            Ok((AgentConfig::default(), path))
+        }
+        Err(source) => Err(ConfigError::Read { path, source }),
+    }
+}
+
+/// Parses and checks a config's text; `origin` names it in errors.
+pub fn parse(text: &str, origin: &Path) -> Result<AgentConfig, ConfigError> {
+    let invalid = |span: Option<Range<usize>>, message: String| {
+        let (line, column) = span.map_or((1, 1), |s| line_column(text, s.start));
+        ConfigError::Invalid {
+            path: origin.to_owned(),
+            line,
+            column,
+            message,
+        }
+    };
+    let config: AgentConfig =
+        toml::from_str(text).map_err(|e| invalid(e.span(), e.message().to_owned()))?;
+    if let Some((key, why)) = config.predictor.check() {
+        return Err(invalid(
+            key_span(text, key),
+            format!("[predictor] {key} {why}"),
+        ));
+    }
+    let collect = &config.collect;
+    if collect.max_processes == 0 {
+        let span = key_span(text, "max_processes");
+        return Err(invalid(
+            span,
+            "[collect] max_processes must be at least 1".into(),
+        ));
+    }
+    Ok(config)
+}
+
+/// The 1-based line and column of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+/// Where `key = …` is written, for errors found after parsing.
+fn key_span(text: &str, key: &str) -> Option<Range<usize>> {
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        if trimmed
+            .strip_prefix(key)
+            .is_some_and(|rest| rest.trim_start().starts_with('='))
+        {
+            let start = offset + (line.len() - trimmed.len());
+            return Some(start..start + key.len());
+        }
+        offset += line.len();
+    }
+    None
+}
+
+/// The id of a group in `/etc/group`.
+pub fn group_id(name: &str) -> Option<u32> {
+    let groups = std::fs::read_to_string("/etc/group").ok()?;
+    groups.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        (fields.next()? == name).then(|| fields.nth(1)?.parse().ok())?
+    })
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04o}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_text(text: &str) -> Result<AgentConfig, ConfigError> {
+        parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn an_empty_file_is_every_default() {
+        assert_eq!(parse_text("").unwrap(), AgentConfig::default());
+        let defaults = AgentConfig::default();
+        assert_eq!(defaults.predictor.to_predict(), predict::Config::default());
+        assert_eq!(defaults.collect.interval.0, Duration::from_secs(1));
+        assert_eq!(defaults.api.socket_mode, Mode(0o660));
+    }
+
+    #[test]
+    fn the_shipped_config_is_the_defaults() {
+        let text = include_str!("../../systemd/config.toml");
+        assert_eq!(parse_text(text).unwrap(), AgentConfig::default());
+    }
+
+    #[test]
+    fn every_section_parses() {
+        let config = parse_text(
+            "[api]\nsocket = \"/tmp/x.sock\"\nsocket_mode = \"0600\"\nadmin_group = \"wheel\"\n\
+             [probes]\nmodel_mapping_min = \"128MiB\"\nbuckets_per_process = 1024\n\
+             [collect]\ninterval = \"500ms\"\nidle_process_interval = 60\n\
+             [predictor]\ncritical_eta = \"30s\"\nconfirm_critical = 3\n",
+        )
+        .unwrap();
+        assert_eq!(config.api.socket_mode, Mode(0o600));
+        assert_eq!(
+            config.probes.probe_options().buckets.min_mapping_bytes,
+            128 << 20
+        );
+        assert_eq!(config.collect.interval.0, Duration::from_millis(500));
+        assert_eq!(
+            config.collect.idle_process_interval.0,
+            Duration::from_secs(60)
+        );
+        assert_eq!(config.predictor.to_predict().critical_eta_s, 30.0);
+        assert_eq!(config.predictor.to_predict().confirm_critical, 3);
+    }
+
+    #[test]
+    fn an_unknown_key_names_its_line() {
+        let err = parse_text("[api]\nsocket = \"/x\"\nsockt = \"/y\"\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("test.toml:3:"), "{text}");
+        assert!(text.contains("sockt"), "{text}");
+    }
+
+    #[test]
+    fn a_bad_value_names_its_line() {
+        let err = parse_text("\n[collect]\ninterval = \"soon\"\n").unwrap_err();
+        assert!(err.to_string().starts_with("test.toml:3:"), "{err}");
+        let err = parse_text("[probes]\nbuckets_per_process = \"many\"\n").unwrap_err();
+        assert!(err.to_string().starts_with("test.toml:2:"), "{err}");
+        let err = parse_text("[api]\nsocket_mode = \"0999\"\n").unwrap_err();
+        assert!(err.to_string().starts_with("test.toml:2:"), "{err}");
+    }
+
+    #[test]
+    fn a_value_that_breaks_a_rule_names_its_line() {
+        let err =
+            parse_text("[predictor]\nmin_samples = 5\ncritical_headroom = 2.0\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("test.toml:3:"), "{text}");
+        assert!(text.contains("critical_headroom"), "{text}");
+    }
+
+    #[test]
+    fn a_missing_explicit_file_is_an_error() {
+        assert!(load(Some(Path::new("/nonexistent/infermem.toml"))).is_err());
+    }
+}
