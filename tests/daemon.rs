@@ -59,12 +59,12 @@ fn a_ramp_in_a_child_memcg_is_critical_before_its_oom_kill() {
     let agent = Daemon::start("daemon-ramp");
     let cgroup = TestCgroup::create("infermem-daemon-ramp", 512 * MIB);
 
-    // A bystander the OOM killer never picks keeps the cgroup tracked after the kill, so that
-    // `status` still reports it with its OOM kill count.
+    // A bystander keeps the cgroup tracked after the kill, so that `status` still reports it
+    // with its OOM kill count. Holding 1 MiB beside the ramp's ~500, it is never the victim
+    // (exempting it with oom_score_adj -1000 would need CAP_SYS_RESOURCE, which the root of
+    // some CI containers lacks).
     let mut bystander = workload_in(&cgroup, &["steady", "1"]);
-    let bystander_pid = bystander.expect_event("steady")["pid"].as_u64().unwrap();
-    std::fs::write(format!("/proc/{bystander_pid}/oom_score_adj"), "-1000")
-        .expect("exempt the bystander from the OOM killer");
+    bystander.expect_event("steady");
     let mut ramp = workload_in(&cgroup, &["ramp", "50", "0"]);
     let pid = ramp.expect_event("waiting")["pid"].as_u64().unwrap() as u32;
 
@@ -181,7 +181,6 @@ fn a_ramp_in_a_child_memcg_is_critical_before_its_oom_kill() {
         "critical at {critical_ts} is not before the kill at {kill_ts}"
     );
     assert_eq!(critical["domain"], cgroup.path.as_str(), "{critical}");
-    assert_eq!(critical["victim_pid"], pid, "{critical}");
 
     // The watch of a cgroup ends when the cgroup goes.
     assert!(bystander.finish().success());
@@ -197,6 +196,11 @@ fn a_ramp_in_a_child_memcg_is_critical_before_its_oom_kill() {
     };
     eprintln!("last watch line: {last}");
     assert!(watch.wait(LINE_TIMEOUT).success());
+    // The kernel killed the ramp: that is who the agent must have named.
+    assert_eq!(
+        critical["victim_pid"], pid,
+        "the victim named before the kill is not the process the kernel killed: {critical}"
+    );
 }
 
 /// A server at a constant 200 MiB in a 1 GiB memcg, watched for 40 s (more than the
@@ -224,7 +228,10 @@ fn a_steady_process_is_never_critical() {
         );
         if watch.lines.len() > WARM_UP {
             assert_eq!(line["level"], "ok", "{line}");
-            assert!(line["eta_seconds"].is_null(), "{line}");
+            // The host may grow slowly (whatever else runs on it); the cgroup does not.
+            if line["domain"] == cgroup.path.as_str() {
+                assert!(line["eta_seconds"].is_null(), "{line}");
+            }
             let rss = line["rss_bytes"].as_u64().unwrap_or(0);
             assert!(rss >= 200 * MIB, "rss of the steady process: {line}");
         }
@@ -379,11 +386,12 @@ fn the_agent_restarts_cleanly_after_kill_9() {
     let status = agent.status();
     assert_eq!(status["daemon"]["pid"], agent.pid());
     assert_ne!(agent.pid(), first_pid);
+    // A new socket file (inode numbers are reused at once on some file systems: compare the
+    // change times).
     let socket = std::fs::metadata(&agent.socket).unwrap();
     use std::os::unix::fs::MetadataExt as _;
-    assert_ne!(
-        socket.ino(),
-        stale.ino(),
+    assert!(
+        (socket.ctime(), socket.ctime_nsec()) > (stale.ctime(), stale.ctime_nsec()),
         "the stale socket was not replaced"
     );
     let ps = agent.ps();

@@ -139,7 +139,26 @@ fn a_non_root_user_sees_only_their_own_processes() {
         assert_eq!(w["uid"], NOBODY, "nobody sees another user's process: {w}");
     }
 
-    // Nobody may not inspect root's process through the agent.
+    // Nobody may inspect its own process through the agent…
+    let out = as_nobody(
+        &agent,
+        group.gid,
+        &[
+            "inspect",
+            &nobody_pid.to_string(),
+            "--json",
+            "--duration",
+            "1s",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "nobody inspecting its own process: {out:?}"
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("inspect JSON");
+    assert_eq!(report["pid"], nobody_pid, "{report}");
+
+    // …but not root's: refused with the JSON error of the contract.
     let out = as_nobody(
         &agent,
         group.gid,
@@ -164,25 +183,6 @@ fn a_non_root_user_sees_only_their_own_processes() {
         )
     });
     assert_eq!(error["error"]["kind"], "permission_denied", "{error}");
-
-    // But it may inspect its own.
-    let out = as_nobody(
-        &agent,
-        group.gid,
-        &[
-            "inspect",
-            &nobody_pid.to_string(),
-            "--json",
-            "--duration",
-            "1s",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "nobody inspecting its own process: {out:?}"
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("inspect JSON");
-    assert_eq!(report["pid"], nobody_pid, "{report}");
 
     assert!(roots.finish().success());
     assert!(nobodys.finish().success());
