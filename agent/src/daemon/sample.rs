@@ -122,11 +122,24 @@ fn sample_processes(agent: &Agent, t: f64) {
     let settings = agent.settings();
     let due: Vec<(ProcessKey, Vec<(u64, u64)>)> = {
         let registry = agent.lock();
+        let limited: Vec<&str> = registry
+            .cgroups
+            .iter()
+            .filter(|(_, c)| c.is_limit())
+            .map(|(path, _)| path.as_str())
+            .collect();
+        // Processes under a limit are the OOM killer's candidates there: their scores must
+        // be fresh when the limit comes close.
+        let limited_member = |p: &TrackedProcess| {
+            p.memcg
+                .as_deref()
+                .is_some_and(|m| limited.iter().any(|l| is_under(m, l)))
+        };
         registry
             .processes
             .values()
             .filter(|p| {
-                let every = if p.sampled_often(now) || p.candidate {
+                let every = if p.sampled_often(now) || p.candidate || limited_member(p) {
                     settings.model_interval
                 } else {
                     settings.idle_interval

@@ -96,14 +96,12 @@ impl Service for AgentService {
         duration: Duration,
     ) -> Result<proto::InspectReply, proto::Error> {
         let uid = self.0.lock().processes.get(&pid).map(|p| p.uid);
-        match uid {
-            Some(uid) if !peer.may_see(uid) => {
-                return Err(api::error(
-                    "permission_denied",
-                    format!("pid {pid} belongs to another user"),
-                ));
-            }
-            _ => {}
+        if uid.is_some_and(|uid| !peer.may_see(uid)) {
+            return Err(inspect_error(
+                pid,
+                "permission_denied",
+                format!("pid {pid} belongs to another user"),
+            ));
         }
         let report = crate::inspect::inspect_in_agent(Arc::clone(&self.0), pid, duration).await;
         match report {
@@ -116,6 +114,23 @@ impl Service for AgentService {
                 report_json: serde_json::to_string(&err.to_report()).unwrap_or_default(),
             }),
         }
+    }
+}
+
+/// An inspect error with the error document `inspect --json` prints.
+fn inspect_error(pid: u32, kind: &str, message: String) -> proto::Error {
+    let report = crate::report::ErrorReport {
+        error: crate::report::ErrorBody {
+            kind: kind.to_owned(),
+            message: message.clone(),
+            pid: Some(pid),
+            oom_kill: None,
+        },
+    };
+    proto::Error {
+        kind: kind.to_owned(),
+        message,
+        report_json: serde_json::to_string(&report).unwrap_or_default(),
     }
 }
 

@@ -248,8 +248,11 @@ fn thrash_reasons(d: &DomainInput, cfg: &Config) -> Vec<String> {
         })
         .collect();
     let weights_resident = d.samples.last().is_some_and(|s| s.model_file_bytes > 0);
+    // Refaults are host-wide, whoever's files they are: a fallback for when the probes do
+    // not count faults on the model files themselves.
+    let faults_counted = d.processes.iter().any(|p| !p.model_file_faults.is_empty());
     if let Some(rate) = thrash::counter_rate(&d.refault_file, cfg.window_s)
-        .filter(|&r| weights_resident && r >= cfg.refault_pages_per_s)
+        .filter(|&r| weights_resident && !faults_counted && r >= cfg.refault_pages_per_s)
     {
         reasons.push(format!(
             "{}: file pages refaulted at {rate:.0} pages/s with model weights resident",
