@@ -1,4 +1,5 @@
-use super::*;
+use super::{kv_inference::likely_cache_types, *};
+use crate::model::config::SettingSource;
 
 /// A GQA model: 16 layers, 8 heads of 64, 2 KV heads: f16 KV is 16 × 2 × 2 × 64 × 2 = 8 KiB
 /// per token.
@@ -30,10 +31,7 @@ fn unknown(_: &AnonBlock) -> Option<u64> {
 }
 
 fn types() -> Vec<(String, String)> {
-    INFERENCE_TYPES
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect()
+    likely_cache_types()
 }
 
 #[test]
