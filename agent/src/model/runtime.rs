@@ -1,7 +1,10 @@
 //! Which model runtime a process is, from evidence the process cannot hide: its executable,
 //! command line, environment, mapped libraries and open devices. No cooperation needed.
 
-use std::path::Path;
+use std::{
+    collections::{BTreeSet, HashSet},
+    path::Path,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -96,217 +99,242 @@ pub struct Detection {
 
 /// Detects the runtime; `None` if nothing matched and no model file is mapped.
 pub fn detect(p: &ProcessEvidence) -> Option<Detection> {
-    let mut evidence = Vec::new();
-    let exe_name = p.exe.as_deref().map(file_name).unwrap_or_default();
-    let argv0 = p.cmdline.first().map(|a| file_name(a)).unwrap_or_default();
-    let args_text = p.cmdline.join(" ");
-
-    // Executables.
-    for name in [exe_name, argv0] {
-        match name {
-            "llama-server" | "llama-cli" | "llama-run" | "llama-bench" | "llama-simple"
-            | "llama-mtmd-cli" => push(
-                &mut evidence,
-                Runtime::LlamaCpp,
-                "llama-executable",
-                EvidenceSource::Exe,
-                name,
-            ),
-            "ollama_llama_server" => push(
-                &mut evidence,
-                Runtime::OllamaRunner,
-                "ollama-llama-server-executable",
-                EvidenceSource::Exe,
-                name,
-            ),
-            "whisper-cli" | "whisper-server" | "whisper-stream" => push(
-                &mut evidence,
-                Runtime::WhisperCpp,
-                "whisper-executable",
-                EvidenceSource::Exe,
-                name,
-            ),
-            "lm-studio" | "LM Studio" | "lms" => push(
-                &mut evidence,
-                Runtime::LmStudio,
-                "lmstudio-executable",
-                EvidenceSource::Exe,
-                name,
-            ),
-            _ => {}
-        }
-    }
-    if exe_name == "ollama" || argv0 == "ollama" {
-        if p.cmdline.iter().skip(1).any(|a| a == "runner") {
-            push(
-                &mut evidence,
-                Runtime::OllamaRunner,
-                "ollama-runner-subcommand",
-                EvidenceSource::Cmdline,
-                &args_text,
-            );
-        } else {
-            push(
-                &mut evidence,
-                Runtime::Ollama,
-                "ollama-executable",
-                EvidenceSource::Exe,
-                "ollama",
-            );
-        }
-    }
-
-    // Command lines (Python programs are all `python`; their script or module names them).
-    let lower = args_text.to_ascii_lowercase();
-    let cmdline_rules: [(&str, Runtime, &str); 9] = [
-        ("vllm", Runtime::Vllm, "vllm-in-cmdline"),
-        (
-            "text-generation-webui",
-            Runtime::TextGenerationWebui,
-            "tgwebui-in-cmdline",
-        ),
-        ("comfyui", Runtime::Comfyui, "comfyui-in-cmdline"),
-        (
-            "stable-diffusion-webui",
-            Runtime::StableDiffusionWebui,
-            "sdwebui-in-cmdline",
-        ),
-        ("lm studio", Runtime::LmStudio, "lmstudio-in-cmdline"),
-        ("lmstudio", Runtime::LmStudio, "lmstudio-in-cmdline"),
-        ("whisper.cpp", Runtime::WhisperCpp, "whisper-cpp-in-cmdline"),
-        ("llama.cpp", Runtime::LlamaCpp, "llama-cpp-in-cmdline"),
-        (
-            "llama_cpp",
-            Runtime::LlamaCpp,
-            "llama-cpp-python-in-cmdline",
-        ),
-    ];
-    for (needle, runtime, rule) in cmdline_rules {
-        if lower.contains(needle) {
-            push(
-                &mut evidence,
-                runtime,
-                rule,
-                EvidenceSource::Cmdline,
-                &args_text,
-            );
-        }
-    }
-    if let Some(exe) = &p.exe
-        && (exe.contains("LM Studio") || exe.contains("LM-Studio") || exe.contains(".lmstudio"))
-    {
-        push(
-            &mut evidence,
-            Runtime::LmStudio,
-            "lmstudio-exe-path",
-            EvidenceSource::Exe,
-            exe,
-        );
-    }
-
-    // Environment: vLLM reads many VLLM_* variables; their presence names it.
-    if let Some((key, _)) = p.environ.iter().find(|(key, _)| key.starts_with("VLLM_")) {
-        push(
-            &mut evidence,
-            Runtime::Vllm,
-            "vllm-env",
-            EvidenceSource::Environ,
-            key,
-        );
-    }
-
-    // Mapped libraries.
-    for path in &p.mapped_files {
-        let name = file_name(path);
-        let lib_rules: [(&str, Runtime, &str); 7] = [
-            ("libllama", Runtime::LlamaCpp, "libllama-mapped"),
-            ("libwhisper", Runtime::WhisperCpp, "libwhisper-mapped"),
-            ("libtorch", Runtime::Pytorch, "libtorch-mapped"),
-            (
-                "libonnxruntime",
-                Runtime::OnnxRuntime,
-                "libonnxruntime-mapped",
-            ),
-            (
-                "onnxruntime_pybind11_state",
-                Runtime::OnnxRuntime,
-                "onnxruntime-python-mapped",
-            ),
-            ("tokenizers.", Runtime::Transformers, "hf-tokenizers-mapped"),
-            ("_vllm_c", Runtime::Vllm, "vllm-extension-mapped"),
-        ];
-        for (prefix, runtime, rule) in lib_rules {
-            if name.starts_with(prefix) && name.contains(".so") {
-                push(
-                    &mut evidence,
-                    runtime,
-                    rule,
-                    EvidenceSource::MappedLibrary,
-                    path,
-                );
-            }
-        }
-        if path.contains("/site-packages/transformers/")
-            || path.contains("/site-packages/safetensors/")
-        {
-            push(
-                &mut evidence,
-                Runtime::Transformers,
-                "hf-python-extension-mapped",
-                EvidenceSource::MappedLibrary,
-                path,
-            );
-        }
-    }
-
-    let gpu_devices: Vec<String> = p
-        .open_files
-        .iter()
-        .filter(|f| is_gpu_device(f))
-        .cloned()
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
-
-    let runtime = PRIORITY
-        .iter()
-        .copied()
-        .find(|r| evidence.iter().any(|e| e.runtime == *r));
-    let runtime = match runtime {
-        Some(runtime) => runtime,
-        None if p.has_model_mappings => {
-            push(
-                &mut evidence,
-                Runtime::Unknown,
-                "model-file-mapped",
-                EvidenceSource::ModelMapping,
-                "large model file mapping, no runtime rule matched",
-            );
-            Runtime::Unknown
-        }
-        None => return None,
-    };
+    let mut evidence = [
+        by_executable_name(p),
+        by_command_line(p),
+        by_executable_path(p),
+        by_environment(p),
+        by_mapped_libraries(p),
+    ]
+    .concat();
+    let runtime = decide(&mut evidence, p.has_model_mappings)?;
     dedup(&mut evidence);
     Some(Detection {
         runtime,
         evidence,
-        gpu_devices,
+        gpu_devices: gpu_devices(&p.open_files),
     })
 }
 
-fn push(
-    evidence: &mut Vec<Evidence>,
+/// A rule: the text it looks for, the runtime that text names, and the rule's name.
+struct Rule {
+    pattern: &'static str,
     runtime: Runtime,
-    rule: &str,
-    source: EvidenceSource,
-    matched: &str,
-) {
-    evidence.push(Evidence {
+    name: &'static str,
+}
+
+const fn rule(pattern: &'static str, runtime: Runtime, name: &'static str) -> Rule {
+    Rule {
+        pattern,
+        runtime,
+        name,
+    }
+}
+
+impl Rule {
+    fn evidence(&self, source: EvidenceSource, matched: &str) -> Evidence {
+        evidence(self.runtime, self.name, source, matched)
+    }
+}
+
+fn evidence(runtime: Runtime, rule: &str, source: EvidenceSource, matched: &str) -> Evidence {
+    Evidence {
         runtime,
         rule: rule.to_owned(),
         source,
         matched: matched.to_owned(),
-    });
+    }
+}
+
+/// Executable names (of the exe or of argv[0]) that name a runtime.
+const EXECUTABLES: &[Rule] = &[
+    rule("llama-server", Runtime::LlamaCpp, "llama-executable"),
+    rule("llama-cli", Runtime::LlamaCpp, "llama-executable"),
+    rule("llama-run", Runtime::LlamaCpp, "llama-executable"),
+    rule("llama-bench", Runtime::LlamaCpp, "llama-executable"),
+    rule("llama-simple", Runtime::LlamaCpp, "llama-executable"),
+    rule("llama-mtmd-cli", Runtime::LlamaCpp, "llama-executable"),
+    rule(
+        "ollama_llama_server",
+        Runtime::OllamaRunner,
+        "ollama-llama-server-executable",
+    ),
+    rule("whisper-cli", Runtime::WhisperCpp, "whisper-executable"),
+    rule("whisper-server", Runtime::WhisperCpp, "whisper-executable"),
+    rule("whisper-stream", Runtime::WhisperCpp, "whisper-executable"),
+    rule("lm-studio", Runtime::LmStudio, "lmstudio-executable"),
+    rule("LM Studio", Runtime::LmStudio, "lmstudio-executable"),
+    rule("lms", Runtime::LmStudio, "lmstudio-executable"),
+];
+
+/// The exe's and argv[0]'s names; `ollama` is its server, or a runner with `runner` among
+/// its arguments.
+fn by_executable_name(p: &ProcessEvidence) -> Vec<Evidence> {
+    let exe_name = p.exe.as_deref().map(file_name).unwrap_or_default();
+    let argv0 = p.cmdline.first().map(|a| file_name(a)).unwrap_or_default();
+    let mut found: Vec<Evidence> = [exe_name, argv0]
+        .into_iter()
+        .filter_map(|name| {
+            let rule = EXECUTABLES.iter().find(|r| r.pattern == name)?;
+            Some(rule.evidence(EvidenceSource::Exe, name))
+        })
+        .collect();
+    if exe_name == "ollama" || argv0 == "ollama" {
+        found.push(if p.cmdline.iter().skip(1).any(|a| a == "runner") {
+            evidence(
+                Runtime::OllamaRunner,
+                "ollama-runner-subcommand",
+                EvidenceSource::Cmdline,
+                &p.cmdline.join(" "),
+            )
+        } else {
+            evidence(
+                Runtime::Ollama,
+                "ollama-executable",
+                EvidenceSource::Exe,
+                "ollama",
+            )
+        });
+    }
+    found
+}
+
+/// Words in a command line (lower-cased) that name a runtime: Python programs are all
+/// `python`; their script or module names them.
+const COMMAND_LINE_WORDS: &[Rule] = &[
+    rule("vllm", Runtime::Vllm, "vllm-in-cmdline"),
+    rule(
+        "text-generation-webui",
+        Runtime::TextGenerationWebui,
+        "tgwebui-in-cmdline",
+    ),
+    rule("comfyui", Runtime::Comfyui, "comfyui-in-cmdline"),
+    rule(
+        "stable-diffusion-webui",
+        Runtime::StableDiffusionWebui,
+        "sdwebui-in-cmdline",
+    ),
+    rule("lm studio", Runtime::LmStudio, "lmstudio-in-cmdline"),
+    rule("lmstudio", Runtime::LmStudio, "lmstudio-in-cmdline"),
+    rule("whisper.cpp", Runtime::WhisperCpp, "whisper-cpp-in-cmdline"),
+    rule("llama.cpp", Runtime::LlamaCpp, "llama-cpp-in-cmdline"),
+    rule(
+        "llama_cpp",
+        Runtime::LlamaCpp,
+        "llama-cpp-python-in-cmdline",
+    ),
+];
+
+fn by_command_line(p: &ProcessEvidence) -> Vec<Evidence> {
+    let args_text = p.cmdline.join(" ");
+    let lower = args_text.to_ascii_lowercase();
+    COMMAND_LINE_WORDS
+        .iter()
+        .filter(|r| lower.contains(r.pattern))
+        .map(|r| r.evidence(EvidenceSource::Cmdline, &args_text))
+        .collect()
+}
+
+/// LM Studio's install directory in the exe's path.
+fn by_executable_path(p: &ProcessEvidence) -> Vec<Evidence> {
+    p.exe
+        .iter()
+        .filter(|exe| {
+            exe.contains("LM Studio") || exe.contains("LM-Studio") || exe.contains(".lmstudio")
+        })
+        .map(|exe| {
+            evidence(
+                Runtime::LmStudio,
+                "lmstudio-exe-path",
+                EvidenceSource::Exe,
+                exe,
+            )
+        })
+        .collect()
+}
+
+/// vLLM reads many VLLM_* variables; their presence names it.
+fn by_environment(p: &ProcessEvidence) -> Vec<Evidence> {
+    p.environ
+        .iter()
+        .find(|(key, _)| key.starts_with("VLLM_"))
+        .map(|(key, _)| evidence(Runtime::Vllm, "vllm-env", EvidenceSource::Environ, key))
+        .into_iter()
+        .collect()
+}
+
+/// Shared libraries (file name prefixes of `.so` files) that name a runtime.
+const LIBRARIES: &[Rule] = &[
+    rule("libllama", Runtime::LlamaCpp, "libllama-mapped"),
+    rule("libwhisper", Runtime::WhisperCpp, "libwhisper-mapped"),
+    rule("libtorch", Runtime::Pytorch, "libtorch-mapped"),
+    rule(
+        "libonnxruntime",
+        Runtime::OnnxRuntime,
+        "libonnxruntime-mapped",
+    ),
+    rule(
+        "onnxruntime_pybind11_state",
+        Runtime::OnnxRuntime,
+        "onnxruntime-python-mapped",
+    ),
+    rule("tokenizers.", Runtime::Transformers, "hf-tokenizers-mapped"),
+    rule("_vllm_c", Runtime::Vllm, "vllm-extension-mapped"),
+];
+
+/// Mapped libraries, and the native extensions of Hugging Face's Python packages.
+fn by_mapped_libraries(p: &ProcessEvidence) -> Vec<Evidence> {
+    let mut found = Vec::new();
+    for path in &p.mapped_files {
+        let name = file_name(path);
+        found.extend(
+            LIBRARIES
+                .iter()
+                .filter(|r| name.starts_with(r.pattern) && name.contains(".so"))
+                .map(|r| r.evidence(EvidenceSource::MappedLibrary, path)),
+        );
+        if path.contains("/site-packages/transformers/")
+            || path.contains("/site-packages/safetensors/")
+        {
+            found.push(evidence(
+                Runtime::Transformers,
+                "hf-python-extension-mapped",
+                EvidenceSource::MappedLibrary,
+                path,
+            ));
+        }
+    }
+    found
+}
+
+/// The runtime the evidence names, the first in [`PRIORITY`]; else `Unknown`, with evidence
+/// saying why, for a process that maps a model file; else `None`.
+fn decide(found: &mut Vec<Evidence>, has_model_mappings: bool) -> Option<Runtime> {
+    let named = PRIORITY
+        .iter()
+        .copied()
+        .find(|r| found.iter().any(|e| e.runtime == *r));
+    if named.is_some() || !has_model_mappings {
+        return named;
+    }
+    found.push(evidence(
+        Runtime::Unknown,
+        "model-file-mapped",
+        EvidenceSource::ModelMapping,
+        "large model file mapping, no runtime rule matched",
+    ));
+    Some(Runtime::Unknown)
+}
+
+/// GPU device nodes among the open files, sorted, each once.
+fn gpu_devices(open_files: &[String]) -> Vec<String> {
+    open_files
+        .iter()
+        .filter(|f| is_gpu_device(f))
+        .cloned()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
 }
 
 /// When several rules match, the most specific runtime names the process: an application
@@ -327,7 +355,7 @@ const PRIORITY: [Runtime; 12] = [
 ];
 
 fn dedup(evidence: &mut Vec<Evidence>) {
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = HashSet::new();
     evidence.retain(|e| seen.insert((e.runtime, e.rule.clone(), e.matched.clone())));
 }
 
