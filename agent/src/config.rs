@@ -284,11 +284,34 @@ impl<'de> Deserialize<'de> for Mode {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
+/// A value written as an integer or as a string.
 enum NumberOrText {
     Number(i64),
     Text(String),
+}
+
+impl<'de> Deserialize<'de> for NumberOrText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = NumberOrText;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an integer or a string")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<NumberOrText, E> {
+                Ok(NumberOrText::Number(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<NumberOrText, E> {
+                i64::try_from(v)
+                    .map(NumberOrText::Number)
+                    .map_err(E::custom)
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<NumberOrText, E> {
+                Ok(NumberOrText::Text(v.to_owned()))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// Why the config was refused.
@@ -351,8 +374,10 @@ pub fn parse(text: &str, origin: &Path) -> Result<AgentConfig, ConfigError> {
             message,
         }
     };
-    let config: AgentConfig =
-        toml::from_str(text).map_err(|e| invalid(e.span(), e.message().to_owned()))?;
+    let config: AgentConfig = toml::from_str(text).map_err(|e| {
+        let message = describe(text, e.span(), e.message());
+        invalid(e.span(), message)
+    })?;
     if let Some((key, why)) = config.predictor.check() {
         return Err(invalid(
             key_span(text, key),
@@ -368,6 +393,44 @@ pub fn parse(text: &str, origin: &Path) -> Result<AgentConfig, ConfigError> {
         ));
     }
     Ok(config)
+}
+
+/// A parse error for people: an unknown key with its section and the keys it could be, a bad
+/// value with its section and key.
+fn describe(text: &str, span: Option<Range<usize>>, message: &str) -> String {
+    let Some(span) = span else {
+        return message.to_owned();
+    };
+    let start = span.start.min(text.len());
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("").trim();
+    let on_header = line.starts_with('[');
+    // The table the error is in: the last `[header]` above it.
+    let section = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
+    if let Some(rest) = message.strip_prefix("unknown field `")
+        && let Some((key, expected)) = rest.split_once('`')
+    {
+        let expected: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+        let expected = expected.join(", ");
+        return match section.filter(|_| !on_header) {
+            Some(section) => {
+                format!("unknown key \"{key}\" in [{section}] (expected one of: {expected})")
+            }
+            None => format!("unknown section [{key}] (expected one of: {expected})"),
+        };
+    }
+    // A value error: name the key written before `=` on the error's line.
+    match (section, line.split_once('=')) {
+        (Some(section), Some((key, _))) if !on_header && start > line_start + key.len() => {
+            format!("[{section}] {}: {message}", key.trim())
+        }
+        _ => message.to_owned(),
+    }
 }
 
 /// The 1-based line and column of a byte offset.
@@ -460,16 +523,36 @@ mod tests {
     fn an_unknown_key_names_its_line() {
         let err = parse_text("[api]\nsocket = \"/x\"\nsockt = \"/y\"\n").unwrap_err();
         let text = err.to_string();
-        assert!(text.starts_with("test.toml:3:"), "{text}");
-        assert!(text.contains("sockt"), "{text}");
+        assert_eq!(
+            text,
+            "test.toml:3:1: unknown key \"sockt\" in [api] (expected one of: socket, \
+             socket_mode, socket_group, admin_group)"
+        );
+        let err = parse_text("[api]\n\n[apii]\nsocket = \"/x\"\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("test.toml:3:2: unknown section [apii] (expected one of: api,"),
+            "{err}"
+        );
     }
 
     #[test]
     fn a_bad_value_names_its_line() {
         let err = parse_text("\n[collect]\ninterval = \"soon\"\n").unwrap_err();
         assert!(err.to_string().starts_with("test.toml:3:"), "{err}");
+        assert!(err.to_string().contains("[collect] interval: "), "{err}");
         let err = parse_text("[probes]\nbuckets_per_process = \"many\"\n").unwrap_err();
-        assert!(err.to_string().starts_with("test.toml:2:"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("test.toml:2:23: [probes] buckets_per_process: invalid type"),
+            "{err}"
+        );
+        let err = parse_text("[predictor]\n\nwindow = true\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "test.toml:3:10: [predictor] window: invalid type: boolean `true`, expected an \
+             integer or a string"
+        );
         let err = parse_text("[api]\nsocket_mode = \"0999\"\n").unwrap_err();
         assert!(err.to_string().starts_with("test.toml:2:"), "{err}");
     }

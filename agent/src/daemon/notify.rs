@@ -38,6 +38,11 @@ impl Notifier {
         self.send(&[NotifyState::Stopping]);
     }
 
+    /// A one-line status for `systemctl status`.
+    pub fn status(&self, text: &str) {
+        self.send(&[NotifyState::Status(text)]);
+    }
+
     /// How often to ping the watchdog: half of `WatchdogSec=`, when it is set for us.
     pub fn watchdog_interval(&self) -> Option<Duration> {
         self.enabled
@@ -74,6 +79,7 @@ mod tests {
         unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
         let notifier = Notifier::from_env();
         notifier.ready();
+        notifier.status("watching 3 models");
         // SAFETY: as above.
         unsafe { std::env::remove_var("NOTIFY_SOCKET") };
         let mut buffer = [0u8; 256];
@@ -82,6 +88,8 @@ mod tests {
             .unwrap();
         let n = socket.recv(&mut buffer).unwrap();
         assert_eq!(&buffer[..n], b"READY=1\n");
+        let n = socket.recv(&mut buffer).unwrap();
+        assert_eq!(&buffer[..n], b"STATUS=watching 3 models\n");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
