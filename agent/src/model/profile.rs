@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     discovery::{self, ModelFormat},
-    gguf::Gguf,
+    gguf::{Gguf, Value},
     open::{self, OpenError, OpenedFile},
     safetensors::SafetensorsHeader,
 };
@@ -102,115 +102,165 @@ pub struct TensorSummary {
 
 /// Builds the profile of a GGUF file.
 pub fn from_gguf(g: &Gguf) -> ModelProfile {
-    let arch = g.architecture().map(str::to_owned);
-    let key = |k: &str| format!("{}.{k}", arch.as_deref().unwrap_or(""));
-    let u32_of = |k: &str| g.get_u64(&key(k)).and_then(|v| u32::try_from(v).ok());
-    let n_layer = u32_of("block_count").filter(|&n| n <= limits::LAYERS);
-    let n_embd = g
-        .get_u64(&key("embedding_length"))
-        .filter(|&n| n <= limits::WIDTH);
+    let arch = ArchKeys::of(g);
+    let n_layer = arch.u32("block_count").filter(|&n| n <= limits::LAYERS);
     let layers = n_layer.unwrap_or(0) as usize;
+    let sliding_window = arch
+        .u32("attention.sliding_window")
+        .filter(|&w| u64::from(w) <= limits::CONTEXT);
+    let mut profile = ModelProfile {
+        architecture: arch.name.map(str::to_owned),
+        name: g.get_str("general.name").map(str::to_owned),
+        file_type: g.file_type().map(file_type_label),
+        n_layer,
+        n_ctx_train: arch.u64("context_length").filter(|&n| n <= limits::CONTEXT),
+        n_embd: arch.u64("embedding_length").filter(|&n| n <= limits::WIDTH),
+        n_ff: arch.largest("feed_forward_length"),
+        sliding_window,
+        swa_layers: swa_layers(
+            g,
+            &arch.key("attention.sliding_window_pattern"),
+            sliding_window,
+            layers,
+        ),
+        n_vocab: arch
+            .u64("vocab_size")
+            .or_else(|| g.get_array("tokenizer.ggml.tokens").map(|a| a.len))
+            .filter(|&n| n <= limits::VOCAB),
+        n_expert: arch.u32("expert_count"),
+        kv_lora_rank: width(arch.u32("attention.kv_lora_rank")),
+        rope_dim: width(arch.u32("rope.dimension_count")),
+        ..Default::default()
+    };
+    read_gguf_attention(&mut profile, &arch, layers);
+    add_gguf_tensors(&mut profile, g, layers);
+    profile
+}
 
-    // head_count and head_count_kv are a number, or an array with one entry per layer.
-    let per_layer = |k: &str| -> Vec<u32> {
-        match g.get(&key(k)) {
+/// The `<architecture>.*` keys of a GGUF file, e.g. `llama.block_count`.
+struct ArchKeys<'a> {
+    g: &'a Gguf,
+    /// `general.architecture`.
+    name: Option<&'a str>,
+}
+
+impl<'a> ArchKeys<'a> {
+    fn of(g: &'a Gguf) -> ArchKeys<'a> {
+        ArchKeys {
+            g,
+            name: g.architecture(),
+        }
+    }
+
+    fn key(&self, k: &str) -> String {
+        format!("{}.{k}", self.name.unwrap_or(""))
+    }
+
+    fn get(&self, k: &str) -> Option<&'a Value> {
+        self.g.get(&self.key(k))
+    }
+
+    fn u64(&self, k: &str) -> Option<u64> {
+        self.g.get_u64(&self.key(k))
+    }
+
+    fn u32(&self, k: &str) -> Option<u32> {
+        self.u64(k).and_then(|v| u32::try_from(v).ok())
+    }
+
+    /// A number, or the largest of an array of them (a value that varies by layer).
+    fn largest(&self, k: &str) -> Option<u64> {
+        let v = self.get(k)?;
+        match v.as_array() {
+            Some(a) => a.values.as_ref()?.iter().filter_map(|x| x.as_u64()).max(),
+            None => v.as_u64(),
+        }
+    }
+
+    /// Head counts, one per layer: a number (the same for all `layers`) or an array.
+    fn heads_per_layer(&self, k: &str, layers: usize) -> Vec<u32> {
+        let heads = |x: &Value| {
+            x.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|&n| n <= limits::HEADS)
+        };
+        match self.get(k) {
             Some(v) if v.as_array().is_some() => v
                 .as_array()
                 .and_then(|a| a.values.as_ref())
-                .map(|vals| {
-                    vals.iter()
-                        .map(|x| {
-                            x.as_u64()
-                                .and_then(|n| u32::try_from(n).ok())
-                                .filter(|&n| n <= limits::HEADS)
-                                .unwrap_or(0)
-                        })
-                        .collect()
-                })
+                .map(|vals| vals.iter().map(|x| heads(x).unwrap_or(0)).collect())
                 .unwrap_or_default(),
-            Some(v) => v
-                .as_u64()
-                .and_then(|n| u32::try_from(n).ok())
-                .filter(|&n| n <= limits::HEADS)
-                .map(|n| vec![n; layers])
-                .unwrap_or_default(),
+            Some(v) => heads(v).map(|n| vec![n; layers]).unwrap_or_default(),
             None => Vec::new(),
         }
-    };
-    let heads = per_layer("attention.head_count");
-    let mut heads_kv = per_layer("attention.head_count_kv");
+    }
+}
+
+/// `general.file_type` by its name, e.g. `Q4_K_M`.
+fn file_type_label(file_type: u64) -> String {
+    super::ggml::file_type_name(file_type)
+        .map_or_else(|| format!("unknown ({file_type})"), str::to_owned)
+}
+
+/// A width believed, or none.
+fn width(v: Option<u32>) -> Option<u32> {
+    v.filter(|&w| u64::from(w) <= limits::WIDTH)
+}
+
+/// Heads, KV heads and head dimensions. No KV head count means multi-head attention (as
+/// many KV heads as heads); no head dimension means the embedding split across the heads.
+fn read_gguf_attention(profile: &mut ModelProfile, arch: &ArchKeys, layers: usize) {
+    let heads = arch.heads_per_layer("attention.head_count", layers);
+    let mut heads_kv = arch.heads_per_layer("attention.head_count_kv", layers);
     if heads_kv.is_empty() {
-        // No KV head count means multi-head attention: as many KV heads as heads.
         heads_kv = heads.clone();
     }
-    let n_head = heads.iter().copied().find(|&h| h > 0);
-    let default_head_dim = match (n_embd, n_head) {
+    profile.n_head = heads.iter().copied().find(|&h| h > 0);
+    profile.n_head_kv = heads_kv;
+    let default_head_dim = default_head_dim(profile.n_embd, profile.n_head);
+    profile.head_dim_k = width(arch.u32("attention.key_length").or(default_head_dim));
+    profile.head_dim_v = width(arch.u32("attention.value_length").or(default_head_dim));
+}
+
+/// The head dimension of a model that does not state it: the embedding split across heads.
+fn default_head_dim(n_embd: Option<u64>, n_head: Option<u32>) -> Option<u32> {
+    match (n_embd, n_head) {
         (Some(e), Some(h)) if h > 0 => u32::try_from(e / u64::from(h)).ok(),
         _ => None,
-    };
-    let sliding_window =
-        u32_of("attention.sliding_window").filter(|&w| u64::from(w) <= limits::CONTEXT);
-    let width = |v: Option<u32>| v.filter(|&w| u64::from(w) <= limits::WIDTH);
-    let swa_layers = swa_layers(
-        g,
-        &key("attention.sliding_window_pattern"),
-        sliding_window,
-        layers,
-    );
+    }
+}
 
-    let mut profile = ModelProfile {
-        name: g.get_str("general.name").map(str::to_owned),
-        file_type: g.file_type().map(|ft| {
-            super::ggml::file_type_name(ft).map_or_else(|| format!("unknown ({ft})"), str::to_owned)
-        }),
-        n_layer,
-        n_ctx_train: g
-            .get_u64(&key("context_length"))
-            .filter(|&n| n <= limits::CONTEXT),
-        n_embd,
-        n_ff: g
-            .get(&key("feed_forward_length"))
-            .and_then(|v| match v.as_array() {
-                Some(a) => a.values.as_ref()?.iter().filter_map(|x| x.as_u64()).max(),
-                None => v.as_u64(),
-            }),
-        n_head,
-        n_head_kv: heads_kv,
-        head_dim_k: width(u32_of("attention.key_length").or(default_head_dim)),
-        head_dim_v: width(u32_of("attention.value_length").or(default_head_dim)),
-        sliding_window,
-        swa_layers,
-        n_vocab: g
-            .get_u64(&key("vocab_size"))
-            .or_else(|| g.get_array("tokenizer.ggml.tokens").map(|a| a.len))
-            .filter(|&n| n <= limits::VOCAB),
-        n_expert: u32_of("expert_count"),
-        kv_lora_rank: width(u32_of("attention.kv_lora_rank")),
-        rope_dim: width(u32_of("rope.dimension_count")),
-        architecture: arch,
-        ..Default::default()
-    };
-    let mut layer_bytes = vec![0u64; layers];
+/// Every tensor, its bytes counted by layer (`blk.N.*`), token embedding and output head.
+fn add_gguf_tensors(profile: &mut ModelProfile, g: &Gguf, layers: usize) {
+    profile.layer_bytes = vec![0u64; layers];
     for t in &g.tensors {
         let bytes = t.n_bytes();
-        profile.parameter_count = profile.parameter_count.saturating_add(t.n_elements());
-        profile.weight_bytes = profile.weight_bytes.saturating_add(bytes);
         match layer_of(&t.name) {
-            Some(i) if i < layers => layer_bytes[i] += bytes,
+            Some(i) if i < layers => profile.layer_bytes[i] += bytes,
             _ if t.name.starts_with("token_embd") => profile.token_embd_bytes += bytes,
             _ if t.name.starts_with("output") => profile.output_bytes += bytes,
             _ => {}
         }
-        profile.tensors.push(TensorSummary {
-            name: t.name.clone(),
-            dtype: t.ggml_type.name().to_owned(),
-            shape: t.dims.clone(),
-            bytes,
-        });
+        profile.add_tensor(
+            TensorSummary {
+                name: t.name.clone(),
+                dtype: t.ggml_type.name().to_owned(),
+                shape: t.dims.clone(),
+                bytes,
+            },
+            t.n_elements(),
+        );
     }
-    profile.layer_bytes = layer_bytes;
     profile.types = type_shares(&profile.tensors);
-    profile
+}
+
+impl ModelProfile {
+    /// Lists a tensor of `n_elements` and counts it in the totals.
+    fn add_tensor(&mut self, tensor: TensorSummary, n_elements: u64) {
+        self.parameter_count = self.parameter_count.saturating_add(n_elements);
+        self.weight_bytes = self.weight_bytes.saturating_add(tensor.bytes);
+        self.tensors.push(tensor);
+    }
 }
 
 /// Which layers use the sliding window. GGUF says it with
@@ -294,14 +344,15 @@ pub struct HfConfig {
 pub fn from_safetensors(header: &SafetensorsHeader, config: Option<&HfConfig>) -> ModelProfile {
     let mut profile = ModelProfile::default();
     for t in &header.tensors {
-        profile.parameter_count = profile.parameter_count.saturating_add(t.n_elements());
-        profile.weight_bytes = profile.weight_bytes.saturating_add(t.n_bytes());
-        profile.tensors.push(TensorSummary {
-            name: t.name.clone(),
-            dtype: t.dtype.clone(),
-            shape: t.shape.clone(),
-            bytes: t.n_bytes(),
-        });
+        profile.add_tensor(
+            TensorSummary {
+                name: t.name.clone(),
+                dtype: t.dtype.clone(),
+                shape: t.shape.clone(),
+                bytes: t.n_bytes(),
+            },
+            t.n_elements(),
+        );
     }
     profile.types = type_shares(&profile.tensors);
     profile.name = header.metadata.get("name").cloned();
@@ -347,11 +398,10 @@ fn apply_hf_config(profile: &mut ModelProfile, c: &HfConfig) {
     profile.n_head = heads(c.num_attention_heads);
     let kv = heads(c.num_key_value_heads).or(profile.n_head);
     profile.n_head_kv = kv.map(|kv| vec![kv; layers]).unwrap_or_default();
-    let head_dim = c.head_dim.or(match (profile.n_embd, profile.n_head) {
-        (Some(e), Some(h)) if h > 0 => u32::try_from(e / u64::from(h)).ok(),
-        _ => None,
-    });
-    let head_dim = head_dim.filter(|&d| u64::from(d) <= limits::WIDTH);
+    let head_dim = c
+        .head_dim
+        .or(default_head_dim(profile.n_embd, profile.n_head))
+        .filter(|&d| u64::from(d) <= limits::WIDTH);
     profile.head_dim_k = head_dim;
     profile.head_dim_v = head_dim;
     profile.n_ctx_train = c.max_position_embeddings.filter(|&n| n <= limits::CONTEXT);
