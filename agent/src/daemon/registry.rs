@@ -281,6 +281,29 @@ impl Registry {
         self.ended.iter().rev().find(|e| e.key == key)
     }
 
+    /// Whether the host or a limited memory cgroup is due to reach its limit within
+    /// `horizon_s`, or a limited cgroup's need rose faster than `bytes_per_s` since the last
+    /// sample (before a trend can be fitted).
+    pub fn heading_for_a_limit(&self, horizon_s: f64, bytes_per_s: f64) -> bool {
+        let soon = |a: &Assessment| a.eta_seconds.is_some_and(|eta| eta < horizon_s);
+        let rising = |c: &TrackedCgroup| {
+            let mut last = c.samples.iter().rev();
+            match (last.next(), last.next()) {
+                (Some(now), Some(before)) if now.t > before.t => {
+                    let rise = now.needed_bytes() as f64 - before.needed_bytes() as f64;
+                    rise / (now.t - before.t) > bytes_per_s
+                }
+                _ => false,
+            }
+        };
+        soon(&self.host.assessment)
+            || self
+                .cgroups
+                .values()
+                .filter(|c| c.is_limit())
+                .any(|c| soon(&c.assessment) || rising(c))
+    }
+
     /// Records an OOM kill, forgetting the oldest past [`MAX_OOM_KILLS`].
     pub fn record_oom_kill(&mut self, kill: OomKillRecord) {
         if self.oom_kills.len() == MAX_OOM_KILLS {
