@@ -144,6 +144,7 @@ async fn signals(agent: &Agent, options: &RunOptions, notifier: &Notifier) -> an
             _ = watchdog.tick() => {
                 if agent.since_heartbeat() < STUCK {
                     notifier.watchdog();
+                    notifier.status(&agent.summary());
                 } else {
                     tracing::error!("the pipeline has not finished a round for {STUCK:?}");
                 }

@@ -194,6 +194,21 @@ impl Agent {
         self.stop.load(Ordering::Relaxed)
     }
 
+    /// One line for `systemctl status`: what is tracked and the worst level.
+    pub fn summary(&self) -> String {
+        let registry = self.lock();
+        let workloads = registry
+            .processes
+            .values()
+            .filter(|p| p.model.report.is_some())
+            .count();
+        format!(
+            "{} processes, {workloads} AI workloads; host {}",
+            registry.processes.len(),
+            registry.host.assessment.level
+        )
+    }
+
     /// How long ago the pipeline last finished a round.
     pub fn since_heartbeat(&self) -> Duration {
         let last = Duration::from_millis(self.heartbeat_ms.load(Ordering::Relaxed));
