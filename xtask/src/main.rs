@@ -25,9 +25,18 @@ tasks:
                             installs qemu-system-x86, busybox-static and cpio if missing
   fuzz [--seconds N]        run the model file parsers' fuzz targets (cargo-fuzz, nightly) for
                             N seconds each (default 60) from the seeds in agent/fuzz/seeds
-  bench overhead [--mib N] [--iterations N] [--rounds N]
-                            time a fault-heavy workload with no tracing, with infermem's
-                            probes, and with an equivalent bpftrace program; print ratios
+  bench predictor [--quick] [--hold SECONDS]
+                            real ramps, a model and never-OOM workloads in 1 GiB memory cgroups
+                            under one agent: lead time of `critical` before each real OOM kill,
+                            ETA error, false criticals over 300 s (--quick: 60 s)
+  bench footprint [--quick] [--seconds N]
+                            the agent's CPU (% of a core) and RSS over N-s windows (default 60,
+                            --quick 20): idle, with 500 idle processes, with 5 mapped models
+  bench overhead [--mib N] [--iterations N] [--rounds N] [--llama-rounds N] [--tokens N]
+                            time a fault-heavy workload with no tracing, with the agent and with
+                            an equivalent bpftrace program; then llama.cpp's tokens/s with the
+                            agent on and off (--llama-rounds 0 skips it)
+  (benchmarks need root and print PASS/MISS per target; see docs/benchmarks.md)
 ";
 
 fn main() -> Result<()> {
@@ -69,10 +78,8 @@ fn main() -> Result<()> {
         }
         "fuzz" => fuzz::fuzz(&fuzz::Options::parse(rest)?),
         "bench" => match rest.split_first() {
-            Some((which, options)) if which == "overhead" => {
-                bench::overhead(&bench::Options::parse(options)?)
-            }
-            _ => bail!("unknown benchmark; available: overhead\n{HELP}"),
+            Some((which, options)) => bench::run(which, options),
+            None => bail!("which benchmark? available: {}\n{HELP}", bench::NAMES),
         },
         "help" | "--help" | "-h" => {
             print!("{HELP}");

@@ -1,10 +1,12 @@
-//! `cargo xtask bench overhead`: what infermem's probes cost a fault-heavy workload.
+//! `cargo xtask bench overhead`: what the agent's probes cost a fault-heavy workload, and a
+//! real llama.cpp.
 //!
 //! One run times the same workload (map, touch every page, unmap; repeated) three ways, in
-//! interleaved rounds so that drift affects all three alike: with no tracing, with infermem
-//! inspecting the workload (all probes attached, its mappings tracked), and with an
-//! equivalent bpftrace program (per-pid fault and memory-syscall counting). It prints the
-//! median time of each and the ratios to the untraced run.
+//! interleaved rounds so that drift affects all three alike: with no tracing, with the agent
+//! (`infermem run`, all probes attached, started before the workload's go and past its
+//! start-up), and with an equivalent bpftrace program (per-pid fault and memory-syscall
+//! counting). It prints the median time of each and the ratios to the untraced run. Then a
+//! real llama.cpp generates tokens with the agent on and off (see `llama.rs`).
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -15,7 +17,13 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 
-use crate::cargo::{cargo, is_root, profile_dir};
+use super::{
+    Bins, agent::Agent, build_release, llama, median, print_machine, scratch_dir, verdict,
+};
+
+/// Targets: the agent's overhead on the fault-heavy workload, and on llama.cpp's tokens/s.
+const TARGET_OVERHEAD_PCT: f64 = 3.0;
+const TARGET_LLAMA_LOSS_PCT: f64 = 1.0;
 
 /// The bpftrace baseline: what infermem's probes count, the bpftrace way.
 const BPFTRACE_PROGRAM: &str = "\
@@ -34,15 +42,21 @@ pub struct Options {
     mib: usize,
     iterations: usize,
     rounds: usize,
+    /// Pairs of llama.cpp rounds (agent on, agent off); 0 skips llama.cpp.
+    llama_rounds: usize,
+    /// Tokens generated per llama.cpp round.
+    tokens: usize,
 }
 
 impl Options {
-    /// Parses `--mib N --iterations N --rounds N`.
+    /// Parses `--mib N --iterations N --rounds N --llama-rounds N --tokens N`.
     pub fn parse(args: &[String]) -> Result<Options> {
         let mut options = Options {
             mib: 512,
             iterations: 8,
             rounds: 7,
+            llama_rounds: 8,
+            tokens: 256,
         };
         let mut args = args.iter();
         while let Some(flag) = args.next() {
@@ -55,12 +69,14 @@ impl Options {
                 "--mib" => options.mib = value,
                 "--iterations" => options.iterations = value,
                 "--rounds" => options.rounds = value,
+                "--llama-rounds" => options.llama_rounds = value,
+                "--tokens" => options.tokens = value,
                 other => bail!("unknown option {other}"),
             }
         }
         ensure!(
-            options.mib > 0 && options.iterations > 0 && options.rounds > 0,
-            "options must be positive"
+            options.mib > 0 && options.iterations > 0 && options.rounds > 0 && options.tokens > 1,
+            "options must be positive (--tokens at least 2)"
         );
         Ok(options)
     }
@@ -69,7 +85,7 @@ impl Options {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Mode {
     Untraced,
-    Infermem,
+    Agent,
     Bpftrace,
 }
 
@@ -77,17 +93,13 @@ impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::Untraced => "no tracing",
-            Mode::Infermem => "infermem probes",
+            Mode::Agent => "infermem run (agent)",
             Mode::Bpftrace => "bpftrace equivalent",
         }
     }
 }
 
-pub fn overhead(options: &Options) -> Result<()> {
-    ensure!(
-        is_root(),
-        "the benchmark attaches eBPF programs: run it as root"
-    );
+pub fn run(options: &Options) -> Result<()> {
     ensure!(
         Command::new("bpftrace")
             .arg("--version")
@@ -95,23 +107,35 @@ pub fn overhead(options: &Options) -> Result<()> {
             .is_ok_and(|o| o.status.success()),
         "bpftrace is needed as the baseline (Debian: apt-get install bpftrace)"
     );
-    cargo(
-        &[
-            "build",
-            "--release",
-            "--package",
-            "infermem",
-            "--package",
-            "infermem-tests",
-            "--bins",
-        ],
-        &[],
-    )?;
-    let bins = profile_dir(true);
+    let bins = build_release()?;
+    print_machine();
+    let times = fault_workload(options, &bins)?;
+    let llama = if options.llama_rounds > 0 {
+        println!(
+            "llama.cpp: {} pairs of rounds of {} tokens, agent on and off",
+            options.llama_rounds, options.tokens
+        );
+        Some(llama::tokens_per_second(
+            &bins,
+            options.llama_rounds,
+            options.tokens,
+        )?)
+    } else {
+        None
+    };
+    print_fault_table(&times);
+    if let Some(figures) = &llama {
+        print_llama(figures);
+    }
+    Ok(())
+}
+
+/// The fault-heavy workload's times, per mode, over interleaved rounds.
+fn fault_workload(options: &Options, bins: &Bins) -> Result<Vec<(Mode, Vec<f64>)>> {
     // bpftrace (not infermem) needs tracefs for its tracepoints.
     let mounted_tracefs = mount_tracefs_for_bpftrace()?;
-
-    let modes = [Mode::Untraced, Mode::Infermem, Mode::Bpftrace];
+    let dir = scratch_dir("overhead")?;
+    let modes = [Mode::Untraced, Mode::Agent, Mode::Bpftrace];
     let mut times: Vec<(Mode, Vec<f64>)> = modes.iter().map(|&m| (m, Vec::new())).collect();
     let faults = (options.mib << 20) / 4096 * options.iterations;
     println!(
@@ -123,7 +147,7 @@ pub fn overhead(options: &Options) -> Result<()> {
             // Rotate the order so no mode always runs first (cold) or last.
             for i in 0..modes.len() {
                 let mode = modes[(i + round) % modes.len()];
-                let seconds = run_once(mode, options, &bins)?;
+                let seconds = run_once(mode, options, bins, &dir)?;
                 times
                     .iter_mut()
                     .find(|(m, _)| *m == mode)
@@ -141,19 +165,24 @@ pub fn overhead(options: &Options) -> Result<()> {
         let _ = Command::new("umount").arg("/sys/kernel/tracing").status();
     }
     outcome?;
+    Ok(times)
+}
 
-    let median = |v: &[f64]| {
-        let mut sorted = v.to_vec();
-        sorted.sort_by(f64::total_cmp);
-        sorted[sorted.len() / 2]
+fn print_fault_table(times: &[(Mode, Vec<f64>)]) {
+    let of = |mode: Mode| {
+        times
+            .iter()
+            .find(|(m, _)| *m == mode)
+            .and_then(|(_, v)| median(v))
+            .unwrap_or(f64::NAN)
     };
-    let untraced = median(&times[0].1);
+    let untraced = of(Mode::Untraced);
     println!(
-        "{:<22} {:>10} {:>10} {:>8}",
+        "\n{:<22} {:>10} {:>10} {:>8}",
         "mode", "median s", "min s", "ratio"
     );
-    for (mode, samples) in &times {
-        let m = median(samples);
+    for (mode, samples) in times {
+        let m = median(samples).unwrap_or(f64::NAN);
         let min = samples.iter().copied().fold(f64::INFINITY, f64::min);
         println!(
             "{:<22} {m:>10.3} {min:>10.3} {:>8.3}",
@@ -161,20 +190,49 @@ pub fn overhead(options: &Options) -> Result<()> {
             m / untraced
         );
     }
-    let infermem = median(&times[1].1) / untraced;
-    let bpftrace = median(&times[2].1) / untraced;
+    let agent = of(Mode::Agent) / untraced;
+    let bpftrace = of(Mode::Bpftrace) / untraced;
+    println!("\ntargets");
     println!(
-        "infermem overhead: {:+.1} % (target <= +3 %); bpftrace: {:+.1} %; infermem/bpftrace: {:.3}",
-        (infermem - 1.0) * 100.0,
-        (bpftrace - 1.0) * 100.0,
-        infermem / bpftrace
+        "  agent overhead <= +{TARGET_OVERHEAD_PCT} %: {:+.1} %  {}",
+        (agent - 1.0) * 100.0,
+        verdict((agent - 1.0) * 100.0 <= TARGET_OVERHEAD_PCT)
     );
-    Ok(())
+    println!(
+        "  never slower than bpftrace ({:+.1} %): agent/bpftrace {:.3}  {}",
+        (bpftrace - 1.0) * 100.0,
+        agent / bpftrace,
+        verdict(agent <= bpftrace)
+    );
+}
+
+fn print_llama(figures: &llama::Figures) {
+    let list = |v: &[f64]| {
+        v.iter()
+            .map(|t| format!("{t:.1}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    println!(
+        "\nllama.cpp ({:.0} MB model), decode tokens/s per round:",
+        figures.model_bytes as f64 / 1e6
+    );
+    println!("  agent off: {}", list(&figures.rounds_off));
+    println!("  agent on:  {}", list(&figures.rounds_on));
+    let loss = (1.0 - figures.on / figures.off) * 100.0;
+    println!(
+        "  median off {:.2} tok/s, on {:.2} tok/s: {loss:+.2} % fewer with the agent",
+        figures.off, figures.on
+    );
+    println!(
+        "  target <= {TARGET_LLAMA_LOSS_PCT} % fewer tokens/s: {loss:.2} %  {}",
+        verdict(loss <= TARGET_LLAMA_LOSS_PCT)
+    );
 }
 
 /// Runs the workload once under `mode`; returns its elapsed seconds.
-fn run_once(mode: Mode, options: &Options, bins: &Path) -> Result<f64> {
-    let mut workload = Command::new(bins.join("workload"))
+fn run_once(mode: Mode, options: &Options, bins: &Bins, dir: &Path) -> Result<f64> {
+    let mut workload = Command::new(&bins.workload)
         .args([
             "churn",
             &options.mib.to_string(),
@@ -186,39 +244,32 @@ fn run_once(mode: Mode, options: &Options, bins: &Path) -> Result<f64> {
         .context("starting the workload")?;
     let mut out = BufReader::new(workload.stdout.take().context("stdout")?);
     let waiting = read_line(&mut out)?;
-    let pid = json_number(&waiting, "pid").context("workload pid")?;
+    json_number(&waiting, "pid").context("workload pid")?;
 
-    let observer = match mode {
-        Mode::Untraced => None,
-        Mode::Infermem => Some(start_infermem(bins, pid)?),
-        Mode::Bpftrace => Some(start_bpftrace()?),
-    };
+    let (mut agent, mut bpftrace) = (None, None);
+    match mode {
+        Mode::Untraced => {}
+        Mode::Agent => {
+            agent = Some(Agent::start(bins, dir)?);
+            // Past its start-up (seeding from /proc, first analyses), as an always-on agent.
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        Mode::Bpftrace => bpftrace = Some(start_bpftrace()?),
+    }
     let mut stdin = workload.stdin.take().context("stdin")?;
     writeln!(stdin, "go")?;
     let done = read_line(&mut out)?;
     let ns = json_number(&done, "ns").context("elapsed time")?;
-    if let Some(mut observer) = observer {
+    if let Some(mut agent) = agent {
+        agent.stop()?;
+    }
+    if let Some(mut observer) = bpftrace {
         let _ = observer.kill();
         let _ = observer.wait();
     }
     drop(stdin);
     workload.wait()?;
     Ok(ns as f64 / 1e9)
-}
-
-fn start_infermem(bins: &Path, pid: u64) -> Result<Child> {
-    let mut child = Command::new(bins.join("infermem"))
-        .args(["inspect", &pid.to_string(), "--duration", "1h"])
-        .env("INFERMEM_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting infermem")?;
-    let mut err = BufReader::new(child.stderr.take().context("stderr")?);
-    wait_for(&mut err, "sampling started")?;
-    // Keep draining so infermem never blocks on a full pipe.
-    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-    Ok(child)
 }
 
 fn start_bpftrace() -> Result<Child> {
