@@ -24,7 +24,8 @@ pub struct AgentConfig {
     pub api: ApiConfig,
     pub probes: ProbesConfig,
     pub collect: CollectConfig,
-    pub predictor: PredictorConfig,
+    /// `[predictor]`: the thresholds of `docs/predictor.md`, as [`predict::Config`] names them.
+    pub predictor: predict::Config,
 }
 
 /// `[api]`: the local socket and who may see what.
@@ -98,127 +99,6 @@ impl Default for CollectConfig {
             idle_process_interval: Interval(Duration::from_secs(30)),
             max_processes: 65_536,
         }
-    }
-}
-
-/// `[predictor]`: the thresholds of `docs/predictor.md`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PredictorConfig {
-    pub window: Interval,
-    pub recent_window: Interval,
-    pub min_samples: usize,
-    pub min_span: Interval,
-    pub flat_bytes: Bytes,
-    pub flat_fraction: f64,
-    pub noise_factor: f64,
-    pub stopped_ratio: f64,
-    pub critical_eta: Interval,
-    pub critical_headroom: f64,
-    pub elevated_eta: Interval,
-    pub elevated_headroom: f64,
-    pub psi_some_elevated: f64,
-    pub model_fault_rate: f64,
-    pub refault_pages_per_s: f64,
-    pub confirm_critical: u32,
-    pub calm_evaluations: u32,
-}
-
-impl Default for PredictorConfig {
-    fn default() -> Self {
-        let d = predict::Config::default();
-        let secs = |s: f64| Interval(Duration::from_secs_f64(s));
-        PredictorConfig {
-            window: secs(d.window_s),
-            recent_window: secs(d.recent_window_s),
-            min_samples: d.min_samples,
-            min_span: secs(d.min_span_s),
-            flat_bytes: Bytes(d.flat_bytes),
-            flat_fraction: d.flat_fraction,
-            noise_factor: d.noise_factor,
-            stopped_ratio: d.stopped_ratio,
-            critical_eta: secs(d.critical_eta_s),
-            critical_headroom: d.critical_headroom,
-            elevated_eta: secs(d.elevated_eta_s),
-            elevated_headroom: d.elevated_headroom,
-            psi_some_elevated: d.psi_some_elevated,
-            model_fault_rate: d.model_fault_rate,
-            refault_pages_per_s: d.refault_pages_per_s,
-            confirm_critical: d.confirm_critical,
-            calm_evaluations: d.calm_evaluations,
-        }
-    }
-}
-
-impl PredictorConfig {
-    /// The predictor's thresholds.
-    pub fn to_predict(&self) -> predict::Config {
-        predict::Config {
-            window_s: self.window.0.as_secs_f64(),
-            recent_window_s: self.recent_window.0.as_secs_f64(),
-            min_samples: self.min_samples,
-            min_span_s: self.min_span.0.as_secs_f64(),
-            flat_bytes: self.flat_bytes.0,
-            flat_fraction: self.flat_fraction,
-            noise_factor: self.noise_factor,
-            stopped_ratio: self.stopped_ratio,
-            critical_eta_s: self.critical_eta.0.as_secs_f64(),
-            critical_headroom: self.critical_headroom,
-            elevated_eta_s: self.elevated_eta.0.as_secs_f64(),
-            elevated_headroom: self.elevated_headroom,
-            psi_some_elevated: self.psi_some_elevated,
-            model_fault_rate: self.model_fault_rate,
-            refault_pages_per_s: self.refault_pages_per_s,
-            confirm_critical: self.confirm_critical,
-            calm_evaluations: self.calm_evaluations,
-        }
-    }
-
-    /// The first rule a value breaks: `(key, why)`.
-    fn check(&self) -> Option<(&'static str, String)> {
-        let fraction = |v: f64| (0.0..=1.0).contains(&v);
-        let checks: [(&'static str, bool, &str); 8] = [
-            (
-                "window",
-                self.window.0 >= self.recent_window.0,
-                "must be at least recent_window",
-            ),
-            ("min_samples", self.min_samples >= 3, "must be at least 3"),
-            (
-                "flat_fraction",
-                fraction(self.flat_fraction),
-                "must be within 0..=1",
-            ),
-            (
-                "stopped_ratio",
-                fraction(self.stopped_ratio),
-                "must be within 0..=1",
-            ),
-            (
-                "critical_headroom",
-                fraction(self.critical_headroom),
-                "must be within 0..=1",
-            ),
-            (
-                "elevated_headroom",
-                fraction(self.elevated_headroom),
-                "must be within 0..=1",
-            ),
-            (
-                "elevated_eta",
-                self.elevated_eta.0 >= self.critical_eta.0,
-                "must be at least critical_eta",
-            ),
-            (
-                "confirm_critical",
-                self.confirm_critical >= 1,
-                "must be at least 1",
-            ),
-        ];
-        checks
-            .into_iter()
-            .find(|(_, ok, _)| !ok)
-            .map(|(key, _, why)| (key, why.to_owned()))
     }
 }
 
@@ -485,7 +365,7 @@ mod tests {
     fn an_empty_file_is_every_default() {
         assert_eq!(parse_text("").unwrap(), AgentConfig::default());
         let defaults = AgentConfig::default();
-        assert_eq!(defaults.predictor.to_predict(), predict::Config::default());
+        assert_eq!(defaults.predictor, predict::Config::default());
         assert_eq!(defaults.collect.interval.0, Duration::from_secs(1));
         assert_eq!(defaults.api.socket_mode, Mode(0o660));
     }
@@ -502,7 +382,7 @@ mod tests {
             "[api]\nsocket = \"/tmp/x.sock\"\nsocket_mode = \"0600\"\nadmin_group = \"wheel\"\n\
              [probes]\nmodel_mapping_min = \"128MiB\"\nbuckets_per_process = 1024\n\
              [collect]\ninterval = \"500ms\"\nidle_process_interval = 60\n\
-             [predictor]\ncritical_eta = \"30s\"\nconfirm_critical = 3\n",
+             [predictor]\ncritical_eta_s = 30.0\nconfirm_critical = 3\n",
         )
         .unwrap();
         assert_eq!(config.api.socket_mode, Mode(0o600));
@@ -515,8 +395,8 @@ mod tests {
             config.collect.idle_process_interval.0,
             Duration::from_secs(60)
         );
-        assert_eq!(config.predictor.to_predict().critical_eta_s, 30.0);
-        assert_eq!(config.predictor.to_predict().confirm_critical, 3);
+        assert_eq!(config.predictor.critical_eta_s, 30.0);
+        assert_eq!(config.predictor.confirm_critical, 3);
     }
 
     #[test]
@@ -547,10 +427,16 @@ mod tests {
                 .starts_with("test.toml:2:23: [probes] buckets_per_process: invalid type"),
             "{err}"
         );
-        let err = parse_text("[predictor]\n\nwindow = true\n").unwrap_err();
+        let err = parse_text("[predictor]\n\nwindow_s = true\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("test.toml:3:12: [predictor] window_s: invalid type: boolean"),
+            "{err}"
+        );
+        let err = parse_text("[collect]\n\ninterval = true\n").unwrap_err();
         assert_eq!(
             err.to_string(),
-            "test.toml:3:10: [predictor] window: invalid type: boolean `true`, expected an \
+            "test.toml:3:12: [collect] interval: invalid type: boolean `true`, expected an \
              integer or a string"
         );
         let err = parse_text("[api]\nsocket_mode = \"0999\"\n").unwrap_err();

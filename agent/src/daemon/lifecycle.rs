@@ -62,7 +62,7 @@ impl RunOptions {
 /// What a reload can change: the collectors' schedule and the predictor's thresholds.
 fn settings(config: &AgentConfig) -> Settings {
     Settings {
-        predictor: config.predictor.to_predict(),
+        predictor: config.predictor.clone(),
         interval: config.collect.interval.0,
         model_interval: config.collect.model_process_interval.0,
         idle_interval: config.collect.idle_process_interval.0,

@@ -119,8 +119,10 @@ pub struct DomainInput {
     pub processes: Vec<ProcessInput>,
 }
 
-/// The thresholds; every default is explained in `docs/predictor.md`.
-#[derive(Debug, Clone, PartialEq)]
+/// The thresholds; every default is explained in `docs/predictor.md`. The agent's config
+/// sets them in its `[predictor]` section under these names.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Seconds of history the slope is fitted on.
     pub window_s: f64,
@@ -155,6 +157,66 @@ pub struct Config {
     pub confirm_critical: u32,
     /// Consecutive lower evaluations before a target's level comes down.
     pub calm_evaluations: u32,
+}
+
+impl Config {
+    /// The first rule the thresholds break, as `(field, why)`; None when they make sense.
+    pub fn check(&self) -> Option<(&'static str, &'static str)> {
+        let fraction = |v: f64| (0.0..=1.0).contains(&v);
+        let rules = [
+            (
+                "window_s",
+                self.window_s >= self.recent_window_s,
+                "must be at least recent_window_s",
+            ),
+            (
+                "recent_window_s",
+                self.recent_window_s > 0.0,
+                "must be positive",
+            ),
+            ("min_samples", self.min_samples >= 3, "must be at least 3"),
+            ("min_span_s", self.min_span_s > 0.0, "must be positive"),
+            (
+                "flat_fraction",
+                fraction(self.flat_fraction),
+                "must be within 0..=1",
+            ),
+            (
+                "stopped_ratio",
+                fraction(self.stopped_ratio),
+                "must be within 0..=1",
+            ),
+            (
+                "critical_headroom",
+                fraction(self.critical_headroom),
+                "must be within 0..=1",
+            ),
+            (
+                "elevated_headroom",
+                fraction(self.elevated_headroom),
+                "must be within 0..=1",
+            ),
+            (
+                "critical_eta_s",
+                self.critical_eta_s > 0.0,
+                "must be positive",
+            ),
+            (
+                "elevated_eta_s",
+                self.elevated_eta_s >= self.critical_eta_s,
+                "must be at least critical_eta_s",
+            ),
+            (
+                "confirm_critical",
+                self.confirm_critical >= 1,
+                "must be at least 1",
+            ),
+        ];
+        rules
+            .into_iter()
+            .find(|(_, ok, _)| !ok)
+            .map(|(field, _, why)| (field, why))
+    }
 }
 
 impl Default for Config {
