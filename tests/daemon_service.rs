@@ -1,7 +1,8 @@
 //! `infermem run` as systemd runs it: a real `NOTIFY_SOCKET` (a datagram socket this test
 //! binds, as systemd's would be) receives READY, WATCHDOG, RELOADING and STOPPING; SIGHUP
 //! re-reads the config (a bad one is refused and the agent keeps serving); SIGTERM stops it
-//! cleanly and removes the socket.
+//! cleanly and removes the socket. `doctor` asks the running agent about its probes instead
+//! of loading a second copy.
 
 use std::{
     os::unix::net::UnixDatagram,
@@ -82,6 +83,26 @@ fn the_agent_speaks_systemd_and_reloads_on_sighup() {
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["daemon"]["mode"], "daemon");
     expect_notification(&notify, "WATCHDOG=1");
+
+    // doctor asks the running agent instead of attaching a second copy of the probes.
+    let out = output_of(
+        Command::new(infermem_bin())
+            .arg("--socket")
+            .arg(&socket)
+            .args(["doctor", "--json"]),
+    );
+    let checks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let load = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "probes load and attach")
+        .expect("doctor checks the probes");
+    let detail = load["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&format!("running agent (pid {})", agent.id())),
+        "{load}"
+    );
 
     // A config with an unknown key is refused; the agent keeps its settings and serves.
     std::fs::write(&config, format!("{good}[collect]\nintervall = \"2s\"\n")).unwrap();
