@@ -42,7 +42,11 @@ pub async fn inspect_in_agent(
         if let Some(state) = ended_in_agent(&agent, key) {
             return Err(exited(&state));
         }
-        risk.sample();
+        risk = blocking(move || {
+            risk.sample();
+            Ok(risk)
+        })
+        .await?;
     }
     blocking(move || {
         let state = tracked_state(&agent, key)?;
