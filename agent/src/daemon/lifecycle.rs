@@ -82,6 +82,10 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
         tracing::warn!("eBPF is off ({reason}): running on procfs and cgroupfs alone");
     }
     agent.seed_all();
+    // Loading the probes parsed the kernel's BTF (tens of MiB, freed since): give the freed
+    // heap back to the system rather than keep it as the agent's resident memory.
+    // SAFETY: malloc_trim only releases free memory of the allocator.
+    unsafe { libc::malloc_trim(0) };
     tracing::info!(
         processes = agent.lock().processes.len(),
         "registry seeded from /proc"
