@@ -52,11 +52,28 @@ pub struct Bins {
 }
 
 /// Checks for root, builds the release `infermem` and `workload` and returns their paths.
+/// With `INFERMEM_BENCH_NO_BUILD=1` the binaries already built are used as they are (to
+/// measure one build while the tree changes).
 pub fn build_release() -> Result<Bins> {
     ensure!(
         is_root(),
         "the benchmarks load eBPF programs and create memory cgroups: run them as root"
     );
+    if std::env::var_os("INFERMEM_BENCH_NO_BUILD").is_none_or(|v| v != "1") {
+        build()?;
+    }
+    let dir = profile_dir(true);
+    let bins = Bins {
+        infermem: dir.join("infermem"),
+        workload: dir.join("workload"),
+    };
+    for bin in [&bins.infermem, &bins.workload] {
+        ensure!(bin.exists(), "{} was not built", bin.display());
+    }
+    Ok(bins)
+}
+
+fn build() -> Result<()> {
     cargo(
         &[
             "build",
@@ -68,16 +85,7 @@ pub fn build_release() -> Result<Bins> {
             "--bins",
         ],
         &[],
-    )?;
-    let dir = profile_dir(true);
-    let bins = Bins {
-        infermem: dir.join("infermem"),
-        workload: dir.join("workload"),
-    };
-    for bin in [&bins.infermem, &bins.workload] {
-        ensure!(bin.exists(), "{} was not built", bin.display());
-    }
-    Ok(bins)
+    )
 }
 
 /// A fresh scratch directory `target/tmp/bench-<name>-<pid>` (on disk, not a tmpfs).
