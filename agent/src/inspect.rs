@@ -118,17 +118,6 @@ struct Sample {
     ebpf: Option<Option<FaultEntry>>,
 }
 
-/// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid clock id and a valid pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
-}
-
 /// Inspects one process. Without eBPF (no privileges, no BTF) it falls back to procfs and
 /// says why in `sources.reason`, unless `require_ebpf` is set.
 pub async fn inspect(options: &InspectOptions) -> Result<InspectReport, InspectError> {
@@ -257,7 +246,7 @@ fn sample(identity: &ProcessIdentity, probes: Option<&Probes>) -> Result<Sample,
     let ebpf = fault_probes(probes).map(|p| p.fault_counters(identity.pid));
     Ok(Sample {
         at: Instant::now(),
-        monotonic_ns: monotonic_ns(),
+        monotonic_ns: crate::probes::events::monotonic_ns(),
         procfs,
         ebpf,
     })

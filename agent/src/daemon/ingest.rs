@@ -32,7 +32,7 @@ fn apply(registry: &mut Registry, event: &KernelEvent, layout: &CgroupLayout, no
                 .get(&event.tgid)
                 .is_some_and(|p| Some(p.state.identity.start_time) == info.start_time);
             if known {
-                on_exec_of_known(registry, event);
+                on_exec_of_known(registry, event, layout);
             } else if let Some(mut process) = read_process(event.tgid, layout) {
                 // Every mapping of the new program is still to come, as events.
                 process.seeded = true;
@@ -48,7 +48,9 @@ fn apply(registry: &mut Registry, event: &KernelEvent, layout: &CgroupLayout, no
                 registry.remove(key, "exited", now);
             }
         }
-        EventDetail::OomVictim(victim) => on_oom_kill(registry, event.tgid, victim, layout),
+        EventDetail::OomVictim(victim) => {
+            on_oom_kill(registry, (event.tgid, event.time_ns), victim, layout)
+        }
         EventDetail::Fork { child } => {
             if !registry.processes.contains_key(child)
                 && let Some(process) = read_process(*child, layout)
@@ -61,7 +63,7 @@ fn apply(registry: &mut Registry, event: &KernelEvent, layout: &CgroupLayout, no
 }
 
 /// The process exec'd a new program: its address space, and what it runs, are new.
-fn on_exec_of_known(registry: &mut Registry, event: &KernelEvent) {
+fn on_exec_of_known(registry: &mut Registry, event: &KernelEvent, layout: &CgroupLayout) {
     let Some(tracked) = registry.processes.get_mut(&event.tgid) else {
         return;
     };
@@ -74,6 +76,10 @@ fn on_exec_of_known(registry: &mut Registry, event: &KernelEvent) {
     tracked.model = Default::default();
     tracked.candidate = false;
     tracked.maps_stale = true;
+    // A shell moves itself into a cgroup between its fork and its exec.
+    if let Some(memcg) = cgroup::memory_cgroup_path(event.tgid, layout) {
+        tracked.memcg = Some(memcg);
+    }
 }
 
 /// An mmap, munmap, mremap or brk: applied to the process, which is read from /proc first
@@ -102,7 +108,22 @@ fn on_memory_event(
     }
 }
 
-fn on_oom_kill(registry: &mut Registry, pid: u32, victim: &OomVictim, layout: &CgroupLayout) {
+/// The Unix time of a probe's timestamp (CLOCK_MONOTONIC ns): the kernel's moment, not the
+/// moment the event was read.
+fn unix_time_of(time_ns: u64) -> f64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let age_ns = crate::probes::events::monotonic_ns().saturating_sub(time_ns);
+    now - age_ns as f64 / 1e9
+}
+
+fn on_oom_kill(
+    registry: &mut Registry,
+    (pid, time_ns): (u32, u64),
+    victim: &OomVictim,
+    layout: &CgroupLayout,
+) {
     let tracked = registry.processes.get_mut(&pid);
     let uid = tracked.as_ref().map(|p| p.uid);
     let memcg = victim
@@ -112,9 +133,7 @@ fn on_oom_kill(registry: &mut Registry, pid: u32, victim: &OomVictim, layout: &C
     if let Some(tracked) = tracked {
         tracked.state.oom_kill = Some(victim.clone());
     }
-    let ts_unix = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64());
+    let ts_unix = unix_time_of(time_ns);
     tracing::warn!(pid, comm = %victim.comm, memcg = ?memcg, "OOM kill");
     registry.record_oom_kill(OomKillRecord {
         ts_unix,

@@ -54,6 +54,31 @@ impl History {
     }
 }
 
+/// How long a `smaps_rollup` read stands in for a process whose resident size has not moved.
+pub const ROLLUP_REUSE: Duration = Duration::from_secs(10);
+
+/// Within how many bytes the resident size counts as unmoved.
+pub const ROLLUP_SLACK_BYTES: u64 = 1 << 20;
+
+/// A `smaps_rollup` read (which walks the page tables under the mmap lock), with the cheap
+/// resident figure of `statm` at that moment.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rollup {
+    pub usage: MemoryUsage,
+    /// `statm` resident bytes when it was read.
+    pub resident: u64,
+    pub at: Instant,
+}
+
+impl Rollup {
+    /// Whether the read still describes the process: its resident size (from `statm`) moved
+    /// less than [`ROLLUP_SLACK_BYTES`], within [`ROLLUP_REUSE`].
+    pub fn still_valid(&self, resident: u64, now: Instant) -> bool {
+        resident.abs_diff(self.resident) < ROLLUP_SLACK_BYTES
+            && now.duration_since(self.at) < ROLLUP_REUSE
+    }
+}
+
 /// What the model analysis concluded about a process, and when it must run again.
 #[derive(Debug, Clone, Default)]
 pub struct ModelKnowledge {
@@ -83,6 +108,8 @@ pub struct TrackedProcess {
     pub seeded: bool,
     pub usage: Option<MemoryUsage>,
     pub usage_at: Option<Instant>,
+    /// The last `smaps_rollup` read, reused while the process's resident size stays put.
+    pub rollup: Option<Rollup>,
     /// `/proc/<pid>/oom_score` and `oom_score_adj` at the last read.
     pub oom_score: Option<(u32, i32)>,
     /// RSS + swap over time (model processes and watched ones).
@@ -108,6 +135,7 @@ impl TrackedProcess {
             seeded: false,
             usage: None,
             usage_at: None,
+            rollup: None,
             oom_score: None,
             rss: History::default(),
             model_faults: History::default(),

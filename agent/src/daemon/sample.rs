@@ -21,7 +21,7 @@ use crate::{
 
 use super::{
     Agent,
-    registry::{ProcessKey, TrackedCgroup, TrackedProcess, push_sample},
+    registry::{ProcessKey, Rollup, TrackedCgroup, TrackedProcess, push_sample},
 };
 
 /// Most processes whose maps are re-read per tick (the rest wait for the next).
@@ -170,15 +170,22 @@ fn sample_processes(agent: &Agent, t: f64) {
     }
 }
 
-/// Reads one process's memory and OOM score and stores them with its fault count.
+/// Reads one process's memory, OOM score and memory cgroup (it may have moved) and stores
+/// them with its fault count.
 fn read_process_memory(agent: &Agent, key: ProcessKey, faults: Option<u64>, t: f64, now: Instant) {
-    let usage = memory::usage(key.pid).ok();
+    let previous = agent.lock().process(key).and_then(|p| p.rollup);
+    let resident = statm_resident(key.pid);
+    let usage = match (previous, resident) {
+        (Some(rollup), Some(resident)) if rollup.still_valid(resident, now) => Some(rollup.usage),
+        _ => memory::usage(key.pid).ok(),
+    };
     let oom = open(key.pid).ok().and_then(|p| {
         Some((
             u32::from(p.oom_score().ok()?),
             i32::from(p.oom_score_adj().ok()?),
         ))
     });
+    let memcg = cgroup::memory_cgroup_path(key.pid, &agent.layout);
     let mut registry = agent.lock();
     let Some(tracked) = registry.process_mut(key) else {
         return;
@@ -187,11 +194,26 @@ fn read_process_memory(agent: &Agent, key: ProcessKey, faults: Option<u64>, t: f
     if let Some(usage) = usage {
         tracked.usage = Some(usage);
         tracked.rss.push(t, (usage.rss + usage.swap) as f64);
+        if let Some(resident) = resident {
+            tracked.rollup = Some(previous.filter(|r| r.usage == usage).unwrap_or(Rollup {
+                usage,
+                resident,
+                at: now,
+            }));
+        }
     }
     tracked.oom_score = oom.or(tracked.oom_score);
+    tracked.memcg = memcg.or(tracked.memcg.take());
     if let Some(faults) = faults {
         tracked.model_faults.push(t, faults as f64);
     }
+}
+
+/// Resident bytes from `/proc/<pid>/statm`: the kernel's counters, read without walking page
+/// tables or taking the mmap lock.
+fn statm_resident(pid: u32) -> Option<u64> {
+    let pages = open(pid).ok()?.statm().ok()?.resident;
+    Some(pages * crate::probes::events::page_size())
 }
 
 /// The address ranges of a process's model files (for fault counts), empty for others.
