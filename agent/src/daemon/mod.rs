@@ -242,15 +242,22 @@ impl Agent {
     /// Reads every process in /proc into the registry (at start, and to catch up).
     pub fn seed(&self) {
         let max = self.settings().max_processes;
-        let known: std::collections::HashSet<u32> = self.lock().processes.keys().copied().collect();
+        let known: std::collections::HashSet<u32> = {
+            let registry = self.lock();
+            let tracked = registry.processes.keys();
+            tracked.chain(&registry.not_processes).copied().collect()
+        };
         let now = Instant::now();
         for pid in list_pids().into_iter().filter(|p| !known.contains(p)) {
             if self.lock().processes.len() >= max {
                 tracing::warn!(max, "process registry full; raise collect.max_processes");
                 break;
             }
-            if let Some(process) = ingest::read_process(pid, &self.layout) {
-                self.lock().insert(process, now);
+            match ingest::read_process(pid, &self.layout) {
+                Some(process) => self.lock().insert(process, now),
+                // A kernel thread (or a process we may not read): not read again while its
+                // pid lives.
+                None => _ = self.lock().not_processes.insert(pid),
             }
         }
     }
@@ -273,6 +280,7 @@ impl Agent {
             .collect();
         let now = Instant::now();
         let mut registry = self.lock();
+        registry.not_processes.retain(|pid| live.contains(pid));
         for key in gone {
             registry.remove(key, "exited", now);
         }

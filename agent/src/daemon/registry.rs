@@ -242,6 +242,9 @@ pub struct Registry {
     /// Live processes by pid (one process per pid at a time; its key tells reuse).
     pub processes: HashMap<u32, TrackedProcess>,
     pub ended: VecDeque<EndedProcess>,
+    /// Pids of /proc that are no process to track (kernel threads), skipped by rescans
+    /// while they live.
+    pub not_processes: std::collections::HashSet<u32>,
     /// Memory cgroups by path.
     pub cgroups: HashMap<String, TrackedCgroup>,
     pub host: TrackedHost,

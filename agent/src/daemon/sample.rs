@@ -175,9 +175,10 @@ fn sample_processes(agent: &Agent, t: f64) {
 fn read_process_memory(agent: &Agent, key: ProcessKey, faults: Option<u64>, t: f64, now: Instant) {
     let previous = agent.lock().process(key).and_then(|p| p.rollup);
     let resident = statm_resident(key.pid);
-    let usage = match (previous, resident) {
-        (Some(rollup), Some(resident)) if rollup.still_valid(resident, now) => Some(rollup.usage),
-        _ => memory::usage(key.pid).ok(),
+    let reused = previous.filter(|r| resident.is_some_and(|res| r.still_valid(res, now)));
+    let usage = match reused {
+        Some(rollup) => Some(rollup.usage),
+        None => memory::usage(key.pid).ok(),
     };
     let oom = open(key.pid).ok().and_then(|p| {
         Some((
@@ -195,7 +196,7 @@ fn read_process_memory(agent: &Agent, key: ProcessKey, faults: Option<u64>, t: f
         tracked.usage = Some(usage);
         tracked.rss.push(t, (usage.rss + usage.swap) as f64);
         if let Some(resident) = resident {
-            tracked.rollup = Some(previous.filter(|r| r.usage == usage).unwrap_or(Rollup {
+            tracked.rollup = reused.or(Some(Rollup {
                 usage,
                 resident,
                 at: now,
