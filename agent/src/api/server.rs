@@ -58,13 +58,6 @@ pub struct Listener {
     socket: SocketFile,
 }
 
-impl Listener {
-    /// The socket's path.
-    pub fn path(&self) -> &Path {
-        &self.socket.path
-    }
-}
-
 /// The socket file this process bound, removed on drop if it is still the same file.
 #[derive(Debug)]
 struct SocketFile {

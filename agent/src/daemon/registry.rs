@@ -48,10 +48,6 @@ impl History {
     pub fn to_vec(&self) -> Vec<Sample> {
         self.0.iter().copied().collect()
     }
-
-    pub fn last(&self) -> Option<Sample> {
-        self.0.back().copied()
-    }
 }
 
 /// How long a `smaps_rollup` read stands in for a process whose resident size has not moved.
