@@ -23,7 +23,7 @@ pub fn assess_all(registry: &mut Registry, cfg: &predict::Config) {
         .map(|(path, _)| cgroup_domain(registry, path, &candidates))
         .collect();
 
-    let verdict = predict::assess(std::slice::from_ref(&host), cfg);
+    let verdict = predict::assess(&[&host], cfg);
     log_change(&registry.host.assessment, &verdict, "host");
     registry.host.assessment = registry.host.tracker.apply(verdict, cfg);
 
@@ -31,7 +31,7 @@ pub fn assess_all(registry: &mut Registry, cfg: &predict::Config) {
         let Some(cgroup) = registry.cgroups.get_mut(&domain.name) else {
             continue;
         };
-        let verdict = predict::assess(&[domain.clone(), host.clone()], cfg);
+        let verdict = predict::assess(&[domain, &host], cfg);
         log_change(&cgroup.assessment, &verdict, &domain.name);
         cgroup.assessment = cgroup.tracker.apply(verdict, cfg);
     }
@@ -40,14 +40,13 @@ pub fn assess_all(registry: &mut Registry, cfg: &predict::Config) {
         if !(process.sampled_often(now) || process.candidate) {
             continue;
         }
-        let mut domains: Vec<DomainInput> = process
+        let mut domains: Vec<&DomainInput> = process
             .memcg
             .as_deref()
             .and_then(|memcg| limiting_domain(&limited, memcg))
-            .cloned()
             .into_iter()
             .collect();
-        domains.push(host.clone());
+        domains.push(&host);
         let verdict = predict::assess(&domains, cfg);
         let label = format!("pid {}", process.state.identity.pid);
         log_change(&process.assessment, &verdict, &label);

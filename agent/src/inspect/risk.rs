@@ -77,6 +77,7 @@ impl RiskSampler {
         let everyone = self.candidates(all, model);
         let mut domains = vec![self.host_domain(model, everyone.clone())];
         domains.extend(self.cgroup_domain(model, &everyone));
+        let domains: Vec<&DomainInput> = domains.iter().collect();
         predict::assess(&domains, &predict::Config::default())
     }
 

@@ -262,7 +262,7 @@ pub struct Assessment {
 
 /// Assesses a target from the domains it lives in (a process or cgroup: its tightest cgroup
 /// and the host; the host: itself), before hysteresis.
-pub fn assess(domains: &[DomainInput], cfg: &Config) -> Assessment {
+pub fn assess(domains: &[&DomainInput], cfg: &Config) -> Assessment {
     let worst = domains
         .iter()
         .filter_map(|d| Some((d, domain::outlook(d, cfg)?)))

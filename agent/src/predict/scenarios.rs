@@ -47,10 +47,7 @@ fn simulate(
         });
         domain.samples.retain(|s| s.t >= t - cfg.window_s - 1.0);
         domain.processes = processes(t);
-        out.push((
-            t,
-            tracker.apply(assess(std::slice::from_ref(&domain), &cfg), &cfg),
-        ));
+        out.push((t, tracker.apply(assess(&[&domain], &cfg), &cfg)));
     }
     out
 }
@@ -269,7 +266,7 @@ fn host_ramp(swap: u64) -> Assessment {
             0,
         ));
     }
-    assess(&[host], &cfg)
+    assess(&[&host], &cfg)
 }
 
 #[test]
@@ -303,7 +300,7 @@ fn mapped_weights_are_not_counted_as_available() {
         samples: vec![DomainSample::host(0.0, &m, 4 * GIB)],
         ..Default::default()
     };
-    let a = assess(&[host], &Config::default());
+    let a = assess(&[&host], &Config::default());
     assert_eq!(a.level, Level::Ok);
     let tight = host_memory(2 * GIB, 0);
     let host = DomainInput {
@@ -312,7 +309,7 @@ fn mapped_weights_are_not_counted_as_available() {
         samples: vec![DomainSample::host(0.0, &tight, GIB)],
         ..Default::default()
     };
-    let a = assess(&[host], &Config::default());
+    let a = assess(&[&host], &Config::default());
     assert_eq!(
         a.level,
         Level::Elevated,
@@ -348,7 +345,7 @@ fn the_tightest_domain_and_its_victim_are_named() {
         processes: vec![process(1, 999)],
         ..Default::default()
     };
-    let a = assess(&[host, cgroup], &Config::default());
+    let a = assess(&[&host, &cgroup], &Config::default());
     assert_eq!(
         (a.domain.as_deref(), a.victim_pid, a.level),
         (Some(CGROUP), Some(8), Level::Critical)
@@ -395,18 +392,18 @@ fn weights_faulted_back_in_are_thrashing() {
         model_file_faults: counter(1.0),
         ..Default::default()
     }];
-    assert!(!assess(std::slice::from_ref(&d), &cfg).thrashing);
+    assert!(!assess(&[&d], &cfg).thrashing);
     // Host-wide refaults while the model's own faults are counted and low: someone else's
     // files (a build, a backup), not the weights.
     d.refault_file = counter(5000.0);
-    assert!(!assess(std::slice::from_ref(&d), &cfg).thrashing);
+    assert!(!assess(&[&d], &cfg).thrashing);
     // Without fault attribution, the refaults are all there is to go by.
     d.processes[0].model_file_faults.clear();
-    let a = assess(std::slice::from_ref(&d), &cfg);
+    let a = assess(&[&d], &cfg);
     assert!(a.thrashing && a.level == Level::Elevated, "{a:?}");
     d.refault_file.clear();
     d.processes[0].model_file_faults = counter(500.0);
-    let a = assess(std::slice::from_ref(&d), &cfg);
+    let a = assess(&[&d], &cfg);
     assert!(
         a.thrashing && a.reasons.iter().any(|r| r.contains("pid 5")),
         "{a:?}"
@@ -433,7 +430,7 @@ fn a_cgroup_counts_its_whole_charge_against_its_effective_limit() {
             samples: vec![sample],
             ..Default::default()
         };
-        let a = assess(&[d], &Config::default());
+        let a = assess(&[&d], &Config::default());
         assert_eq!(
             (a.level, a.domain.as_deref()),
             (Level::Elevated, Some(CGROUP))
