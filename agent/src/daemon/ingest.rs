@@ -2,7 +2,7 @@
 //! mappings and allocations of tracked processes. Runs on the event thread, which blocks on
 //! the probes' ring buffers; /proc is read only for a process first seen.
 
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use crate::{
     collect::{
@@ -51,13 +51,7 @@ fn apply(registry: &mut Registry, event: &KernelEvent, layout: &CgroupLayout, no
         EventDetail::OomVictim(victim) => {
             on_oom_kill(registry, (event.tgid, event.time_ns), victim, layout)
         }
-        EventDetail::Fork { child } => {
-            if !registry.processes.contains_key(child)
-                && let Some(process) = read_process(*child, layout)
-            {
-                registry.insert(process, now);
-            }
-        }
+        EventDetail::Fork { child } => _ = track(registry, *child, layout, now),
         _ => on_memory_event(registry, event, layout, now),
     }
 }
@@ -82,6 +76,20 @@ fn on_exec_of_known(registry: &mut Registry, event: &KernelEvent, layout: &Cgrou
     }
 }
 
+/// The tracked process `pid`, read from /proc first if the registry does not have it yet;
+/// None when it is gone or is no process to track.
+fn track<'r>(
+    registry: &'r mut Registry,
+    pid: u32,
+    layout: &CgroupLayout,
+    now: Instant,
+) -> Option<&'r mut TrackedProcess> {
+    if !registry.processes.contains_key(&pid) {
+        registry.insert(read_process(pid, layout)?, now);
+    }
+    registry.processes.get_mut(&pid)
+}
+
 /// An mmap, munmap, mremap or brk: applied to the process, which is read from /proc first
 /// if it is new (a fork the probes did not report, or a process older than the probes).
 fn on_memory_event(
@@ -90,13 +98,7 @@ fn on_memory_event(
     layout: &CgroupLayout,
     now: Instant,
 ) {
-    if !registry.processes.contains_key(&event.tgid) {
-        let Some(process) = read_process(event.tgid, layout) else {
-            return;
-        };
-        registry.insert(process, now);
-    }
-    let Some(tracked) = registry.processes.get_mut(&event.tgid) else {
+    let Some(tracked) = track(registry, event.tgid, layout, now) else {
         return;
     };
     tracked.state.apply(event);
@@ -111,9 +113,7 @@ fn on_memory_event(
 /// The Unix time of a probe's timestamp (CLOCK_MONOTONIC ns): the kernel's moment, not the
 /// moment the event was read.
 fn unix_time_of(time_ns: u64) -> f64 {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64());
+    let now = super::unix_now();
     let age_ns = crate::probes::events::monotonic_ns().saturating_sub(time_ns);
     now - age_ns as f64 / 1e9
 }
