@@ -1,0 +1,240 @@
+use super::*;
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+
+fn elevated() -> Assessment {
+    Assessment {
+        level: "elevated".into(),
+        eta_seconds: Some(190.2),
+        eta_low_seconds: Some(120.0),
+        eta_high_seconds: Some(300.0),
+        domain: Some("/user.slice".into()),
+        victim_pid: Some(4321),
+        thrashing: true,
+        reasons: vec!["rss grows 10 MiB/s\x1b[2J".into(), "second".into()],
+    }
+}
+
+fn workload() -> Workload {
+    Workload {
+        pid: 4321,
+        comm: "llama-server".into(),
+        runtime: "llama-cpp".into(),
+        model: "/models/qwen\x1b[2J.gguf".into(),
+        weights_bytes: 4 * GIB,
+        weights_resident_bytes: 3 * GIB,
+        kv_bytes_max: Some(512 * MIB),
+        rss_bytes: 5 * GIB,
+        risk: Some(elevated()),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn ps_is_a_table_of_workloads() {
+    let reply = PsReply {
+        workloads: vec![workload()],
+        daemon: None,
+    };
+    let text = render_ps(&reply);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[0].starts_with("PID   RUNTIME    MODEL"), "{text}");
+    let row = lines[1];
+    assert!(
+        row.starts_with("4321  llama-cpp  qwen\\x1b[2J.gguf"),
+        "{text}"
+    );
+    assert!(!row.contains("/models"), "{text}");
+    for cell in [
+        "3.00 GiB/4.00 GiB",
+        "?/512 MiB",
+        "5.00 GiB",
+        "elevated",
+        "3m10s",
+    ] {
+        assert!(row.contains(cell), "{cell}: {text}");
+    }
+    for column in ["MODEL", "WEIGHTS", "KV", "RSS", "LEVEL", "ETA"] {
+        let at = lines[0].find(column).unwrap();
+        assert_eq!(&row[at - 2..at], "  ", "{column} is aligned: {text}");
+        assert_ne!(&row[at..=at], " ", "{column} is aligned: {text}");
+    }
+}
+
+#[test]
+fn ps_without_workloads_says_so_and_unknowns_are_marked() {
+    let empty = PsReply::default();
+    assert_eq!(render_ps(&empty), "no AI workloads are tracked\n");
+    let bare = PsReply {
+        workloads: vec![Workload {
+            pid: 1,
+            runtime: "unknown".into(),
+            ..Default::default()
+        }],
+        daemon: None,
+    };
+    let row = render_ps(&bare).lines().nth(1).unwrap().to_owned();
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells, ["1", "unknown", "-", "-", "?/?", "0", "B", "?", "-"]);
+}
+
+#[test]
+fn etas_read_like_durations() {
+    assert_eq!(format_eta(0.2), "<1s");
+    assert_eq!(format_eta(42.4), "42s");
+    assert_eq!(format_eta(190.0), "3m10s");
+    assert_eq!(format_eta(305.0), "5m05s");
+    assert_eq!(format_eta(7500.0), "2h05m");
+    assert_eq!(format_eta(f64::NAN), "-");
+    assert_eq!(format_eta(-1.0), "-");
+}
+
+#[test]
+fn status_shows_host_cgroups_kills_and_agent() {
+    let reply = StatusReply {
+        host: Some(HostStatus {
+            mem_total_bytes: 64 * GIB,
+            mem_available_bytes: 40 * GIB,
+            mem_free_bytes: 30 * GIB,
+            swap_total_bytes: 8 * GIB,
+            swap_free_bytes: 8 * GIB,
+            model_file_bytes: 3 * GIB,
+            psi_some_avg10: Some(1.5),
+            psi_full_avg10: Some(0.0),
+            limit_bytes: 60 * GIB,
+            used_bytes: 20 * GIB,
+            risk: Some(Assessment {
+                level: "ok".into(),
+                ..Default::default()
+            }),
+        }),
+        cgroups: vec![CgroupStatus {
+            path: "/system.slice/llama\n.service".into(),
+            version: "v2".into(),
+            usage_bytes: GIB,
+            limit_bytes: Some(4 * GIB),
+            effective_limit_bytes: Some(2 * GIB),
+            oom_kills: 1,
+            processes: 2,
+            risk: Some(elevated()),
+            ..Default::default()
+        }],
+        oom_kills: vec![OomKill {
+            ts_unix: 1_700_000_000.0,
+            pid: 99,
+            comm: "evil\x1b]0;x\x07".into(),
+            memcg: "/system.slice/llama.service".into(),
+            rss_anon_bytes: Some(GIB),
+            rss_file_bytes: None,
+            uid: Some(1000),
+        }],
+        daemon: Some(DaemonInfo {
+            pid: 12,
+            version: "0.1.0".into(),
+            ebpf: false,
+            ebpf_reason: "no BTF".into(),
+            mode: "daemon".into(),
+            processes: 300,
+            probes_unavailable: vec!["oom/mark_victim: missing".into()],
+            ..Default::default()
+        }),
+    };
+    let text = render_status(&reply);
+    for part in [
+        "host      memory 64.0 GiB total, 40.0 GiB available, 30.0 GiB free; used 20.0 GiB of 60.0 GiB it can hold",
+        "swap 8.00 GiB total, 8.00 GiB free; model files 3.00 GiB resident; pressure some 1.50% full 0.00% (avg10)",
+        "risk ok\n",
+        "  /system.slice/llama\\n.service (v2): usage 1.00 GiB of 4.00 GiB (effective 2.00 GiB); 2 processes; oom kills 1",
+        "risk elevated, OOM in 3m10s (2m00s..5m00s) in /user.slice, victim pid 4321, model weights thrashing\n",
+        "rss grows 10 MiB/s\\x1b[2J\n",
+        "pid 99 (evil\\x1b]0;x\\x07) in /system.slice/llama.service: anon 1.00 GiB, file ?, uid 1000",
+        "agent     pid 12, version 0.1.0, mode daemon, eBPF off (no BTF), 300 processes tracked",
+        "probe unavailable: oom/mark_victim: missing",
+    ] {
+        assert!(text.contains(part), "{part:?} in\n{text}");
+    }
+    assert!(!text.contains('\x1b'), "{text}");
+    let sections: Vec<usize> = ["host ", "cgroups", "oom kills", "agent "]
+        .iter()
+        .map(|s| text.find(s).unwrap())
+        .collect();
+    assert!(sections.is_sorted(), "{text}");
+}
+
+#[test]
+fn an_empty_status_says_what_is_missing() {
+    let text = render_status(&StatusReply::default());
+    assert_eq!(
+        text,
+        "host      unknown\ncgroups   none holds a tracked process\n\
+         oom kills none since the agent started\n"
+    );
+}
+
+fn update() -> WatchUpdate {
+    WatchUpdate {
+        ts: 1_700_000_000.5,
+        target: "pid 4321".into(),
+        risk: Some(elevated()),
+        rss_bytes: Some(5 * GIB),
+        limit_bytes: Some(8 * GIB),
+        ended: false,
+        end_reason: String::new(),
+    }
+}
+
+#[test]
+fn a_watch_line_has_time_target_risk_and_memory() {
+    let line = render_watch_line(&update());
+    let (time, rest) = line.split_at(8);
+    assert!(
+        time.bytes().enumerate().all(|(i, b)| if i == 2 || i == 5 {
+            b == b':'
+        } else {
+            b.is_ascii_digit()
+        }),
+        "{line}"
+    );
+    assert_eq!(
+        rest,
+        "  pid 4321  elevated  eta 3m10s   rss 5.00 GiB/8.00 GiB  thrashing  \
+         rss grows 10 MiB/s\\x1b[2J"
+    );
+    let last = WatchUpdate {
+        risk: None,
+        rss_bytes: None,
+        limit_bytes: None,
+        ended: true,
+        end_reason: "oom-killed".into(),
+        ..update()
+    };
+    assert!(
+        render_watch_line(&last)
+            .ends_with("  pid 4321  ?         eta -       rss ?/-  ended: oom-killed"),
+        "{}",
+        render_watch_line(&last)
+    );
+}
+
+#[test]
+fn watch_json_lines_have_a_fixed_shape() {
+    assert_eq!(
+        watch_json_line(&update()),
+        r#"{"ts":1700000000.5,"target":"pid 4321","level":"elevated","eta_seconds":190.2,"domain":"/user.slice","victim_pid":4321,"thrashing":true,"reasons":["rss grows 10 MiB/s\u001b[2J","second"],"rss_bytes":5368709120,"limit_bytes":8589934592}"#
+    );
+    let last = WatchUpdate {
+        target: "host".into(),
+        risk: None,
+        rss_bytes: None,
+        limit_bytes: None,
+        ended: true,
+        end_reason: "exited".into(),
+        ..update()
+    };
+    assert_eq!(
+        watch_json_line(&last),
+        r#"{"ts":1700000000.5,"target":"host","level":"unknown","eta_seconds":null,"domain":null,"victim_pid":null,"thrashing":false,"reasons":[],"rss_bytes":null,"limit_bytes":null,"ended":true,"end_reason":"exited"}"#
+    );
+}
