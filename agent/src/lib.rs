@@ -1,6 +1,8 @@
 //! infermem: sees each process's model memory from the kernel and predicts when it will not fit.
 //!
 //! Modules, one concern each:
+//! - [`policy`]: which processes to protect and how, by profile and mode;
+//! - [`act`]: applying, journalling and reverting the policy's actions; alert hooks;
 //! - [`api`]: the local API's messages and the service behind it;
 //! - [`probes`]: the eBPF probes (load, attach, read maps and events);
 //! - [`collect`]: what procfs and cgroupfs say about a process;
@@ -13,6 +15,7 @@
 //! - [`doctor`]: checks of the kernel features infermem needs or can use;
 //! - [`units`]: byte sizes for people.
 
+pub mod act;
 pub mod api;
 pub mod collect;
 pub mod commands;
@@ -21,6 +24,7 @@ pub mod daemon;
 pub mod doctor;
 pub mod inspect;
 pub mod model;
+pub mod policy;
 pub mod predict;
 pub mod probes;
 pub mod report;
