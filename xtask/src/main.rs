@@ -36,6 +36,10 @@ tasks:
                             time a fault-heavy workload with no tracing, with the agent and with
                             an equivalent bpftrace program; then llama.cpp's tokens/s with the
                             agent on and off (--llama-rounds 0 skips it)
+  bench protect [--quick] [--seconds N]
+                            a model server and llama.cpp sharing a memory cgroup with a growing
+                            neighbour: throughput kept without infermem and with it enforcing a
+                            policy, and who was OOM-killed (N s of pressure, default 40, --quick 20)
   (benchmarks need root and print PASS/MISS per target; see docs/benchmarks.md)
 ";
 

@@ -23,6 +23,12 @@
 //! - `churn MIB ITERATIONS`: waits, then maps MIB of anonymous memory, writes every page and
 //!   unmaps it, ITERATIONS times (a fault-heavy load for `cargo xtask bench overhead`); prints
 //!   the elapsed nanoseconds.
+//! - `serve FILE`: a model server's reads of its weights: drops FILE from the page cache (so
+//!   that its pages are charged where this process runs when it reads them), maps it
+//!   read-only and shared (as llama.cpp does), says `waiting`; at a line, reads one byte of
+//!   every page of it, pass after pass, and says `rate` about once a second (`work`: pages
+//!   read since the last `rate`, over `seconds`; `t`: Unix time) until stdin closes (for
+//!   `cargo xtask bench protect`).
 
 use std::{
     fs::File,
@@ -47,13 +53,14 @@ fn main() {
         "steady" => steady(number(1)),
         "map-file" => map_file(arg(1)),
         "chroot" => chroot(arg(1)),
+        "serve" => serve(arg(1)),
         _ => usage(),
     }
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: workload map-and-alloc FILE FILE_MIB ANON_MIB | storm FILE CHILDREN | hog MIB_PER_STEP | ramp MIB_PER_S STOP_MIB | bursty MIB_PER_S BURST_MIB STOP_MIB | steady MIB | churn MIB ITERATIONS | map-file FILE | chroot DIR"
+        "usage: workload map-and-alloc FILE FILE_MIB ANON_MIB | storm FILE CHILDREN | hog MIB_PER_STEP | ramp MIB_PER_S STOP_MIB | bursty MIB_PER_S BURST_MIB STOP_MIB | steady MIB | churn MIB ITERATIONS | map-file FILE | chroot DIR | serve FILE"
     );
     std::process::exit(2)
 }
@@ -285,12 +292,7 @@ fn steady(mib: usize) {
         r#"{{"event":"steady","pid":{}}}"#,
         std::process::id()
     ));
-    let stdin_closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = std::sync::Arc::clone(&stdin_closed);
-    std::thread::spawn(move || {
-        while wait_for_line() {}
-        flag.store(true, std::sync::atomic::Ordering::Relaxed);
-    });
+    let stdin_closed = stdin_closed();
     let tenth = (len / 10).max(PAGE);
     let mut offset = 0;
     while !stdin_closed.load(std::sync::atomic::Ordering::Relaxed) {
@@ -299,4 +301,62 @@ fn steady(mib: usize) {
         offset = (offset + tenth) % len;
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+}
+
+/// A flag that turns true when stdin closes (a thread reads it until then).
+fn stdin_closed() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    let closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = std::sync::Arc::clone(&closed);
+    std::thread::spawn(move || {
+        while wait_for_line() {}
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    closed
+}
+
+/// A model server's reads of its mapped weights, one byte a page, pass after pass, with the
+/// pages read each second.
+fn serve(path: &str) {
+    let file = File::open(path).expect("open the model file");
+    let len = file.metadata().expect("fstat").len() as usize;
+    // SAFETY: advice about our own open file.
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    let weights = map(len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd());
+    say(&format!(
+        r#"{{"event":"waiting","pid":{},"pages":{}}}"#,
+        std::process::id(),
+        len.div_ceil(PAGE)
+    ));
+    if !wait_for_line() {
+        return;
+    }
+    let stdin_closed = stdin_closed();
+    let (mut last, mut pages, mut sum) = (std::time::Instant::now(), 0u64, 0u64);
+    while !stdin_closed.load(std::sync::atomic::Ordering::Relaxed) {
+        // 64 pages at a time, so that a pass slowed by major faults still reports each second.
+        for offset in (0..len).step_by(64 * PAGE) {
+            let chunk = (len - offset).min(64 * PAGE);
+            // SAFETY: `offset..offset + chunk` stays inside the mapping.
+            sum = sum.wrapping_add(touch_pages(unsafe { weights.add(offset) }, chunk, false));
+            pages += chunk.div_ceil(PAGE) as u64;
+            let seconds = last.elapsed().as_secs_f64();
+            if seconds >= 1.0 {
+                say(&format!(
+                    r#"{{"event":"rate","t":{:.3},"seconds":{seconds:.3},"work":{pages},"checksum":{sum}}}"#,
+                    unix_time()
+                ));
+                (last, pages) = (std::time::Instant::now(), 0);
+                if stdin_closed.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Seconds since the Unix epoch.
+fn unix_time() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }

@@ -32,6 +32,11 @@ impl Agent {
     /// Starts an agent with the default config on a socket in `dir` (`--socket`), and waits
     /// until it answers `status` as a daemon.
     pub fn start(bins: &Bins, dir: &Path) -> Result<Agent> {
+        Agent::start_with(bins, dir, &[])
+    }
+
+    /// As [`Agent::start`], with `run_args` after `run` (e.g. `--policy FILE --mode enforce`).
+    pub fn start_with(bins: &Bins, dir: &Path, run_args: &[&std::ffi::OsStr]) -> Result<Agent> {
         let socket = dir.join("infermem.sock");
         let log = dir.join("agent.log");
         let out = std::fs::File::create(&log)?;
@@ -39,6 +44,7 @@ impl Agent {
             .arg("--socket")
             .arg(&socket)
             .arg("run")
+            .args(run_args)
             .env("INFERMEM_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::from(out.try_clone()?))
@@ -127,6 +133,15 @@ impl Agent {
         mut accept: impl FnMut(&Value) -> Option<T>,
     ) -> Result<Option<T>> {
         self.poll(&["ps", "--json"], timeout, &mut accept)
+    }
+
+    /// Polls `actions --json` for up to `timeout` until `accept` finds something in it.
+    pub fn actions_until<T>(
+        &self,
+        timeout: Duration,
+        mut accept: impl FnMut(&Value) -> Option<T>,
+    ) -> Result<Option<T>> {
+        self.poll(&["actions", "--json"], timeout, &mut accept)
     }
 
     fn poll<T>(

@@ -123,8 +123,9 @@ fn round(llama: &mut Proc) -> Result<f64> {
         .with_context(|| format!("round after {:.1} s: {done}", unix_now() - started))
 }
 
-/// The benchmark's model, written once into `target/tmp/bench-models`.
-fn model_file(python: &Path) -> Result<PathBuf> {
+/// The benchmark's model, written once into `target/tmp/bench-models` (`bench protect`
+/// uses it too).
+pub fn model_file(python: &Path) -> Result<PathBuf> {
     let dir = target_dir().join("tmp/bench-models");
     std::fs::create_dir_all(&dir)?;
     let path = dir.join(format!("llama-bench-{WEIGHT_TYPE}.gguf"));

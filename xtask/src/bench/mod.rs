@@ -1,5 +1,5 @@
-//! `cargo xtask bench <predictor|footprint|overhead>`: infermem's benchmarks, on the real
-//! kernel, with the release build of `infermem` and of the tests' `workload` binary.
+//! `cargo xtask bench <predictor|footprint|overhead|protect>`: infermem's benchmarks, on the
+//! real kernel, with the release build of `infermem` and of the tests' `workload` binary.
 //!
 //! - `predictor`: real workloads in child memory cgroups, watched by one agent: how early it
 //!   says `critical` before a real OOM kill, how right its ETA is then, and how often it says
@@ -8,6 +8,8 @@
 //!   mapped models.
 //! - `overhead`: what the agent's probes cost a fault-heavy workload (against no tracing and
 //!   an equivalent bpftrace program), and a real llama.cpp's tokens per second.
+//! - `protect`: a model server and a real llama.cpp sharing a memory cgroup with a neighbour
+//!   that fills it: the throughput they keep without infermem and with it enforcing a policy.
 //!
 //! Benchmarks measure: a missed target prints `MISS` with the figure and still exits 0; a
 //! broken set-up (no root, an agent that does not start, a cgroup that cannot be made) fails.
@@ -19,6 +21,7 @@ mod footprint;
 mod llama;
 mod overhead;
 mod predictor;
+mod protect;
 mod workload;
 
 use std::{
@@ -33,7 +36,7 @@ use anyhow::{Result, bail, ensure};
 use crate::cargo::{cargo, is_root, profile_dir};
 
 /// The benchmarks' names, for the help and errors.
-pub const NAMES: &str = "predictor, footprint, overhead";
+pub const NAMES: &str = "predictor, footprint, overhead, protect";
 
 /// Runs the benchmark `which` with its options `args`.
 pub fn run(which: &str, args: &[String]) -> Result<()> {
@@ -41,6 +44,7 @@ pub fn run(which: &str, args: &[String]) -> Result<()> {
         "predictor" => predictor::run(&predictor::Options::parse(args)?),
         "footprint" => footprint::run(&footprint::Options::parse(args)?),
         "overhead" => overhead::run(&overhead::Options::parse(args)?),
+        "protect" => protect::run(&protect::Options::parse(args)?),
         other => bail!("unknown benchmark {other:?}; available: {NAMES}"),
     }
 }

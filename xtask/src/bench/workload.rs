@@ -62,6 +62,16 @@ impl Proc {
         }
     }
 
+    /// The lines `{"event": <event>, …}` printed so far and not yet taken (others are
+    /// dropped); does not wait.
+    pub fn take_events(&mut self, event: &str) -> Vec<Value> {
+        self.lines
+            .try_iter()
+            .filter_map(|line| serde_json::from_str::<Value>(&line).ok())
+            .filter(|value| value["event"] == event)
+            .collect()
+    }
+
     /// Sends a line (the workloads go on at each line).
     pub fn send(&mut self, line: &str) -> Result<()> {
         let stdin = self.stdin.as_mut().context("stdin closed")?;
