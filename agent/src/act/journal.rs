@@ -175,7 +175,9 @@ pub fn read_in_force(path: &Path) -> std::io::Result<(BTreeMap<String, Record>, 
                 seq = seq.max(record.seq);
                 fold(&mut in_force, record);
             }
-            Err(err) => tracing::warn!(path = %path.display(), number, "journal line skipped: {err}"),
+            Err(err) => {
+                tracing::warn!(path = %path.display(), number, "journal line skipped: {err}")
+            }
         }
     }
     Ok((in_force, seq))
@@ -231,9 +233,15 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let (mut journal, in_force) = Journal::open(&path).unwrap();
         assert!(in_force.is_empty());
-        journal.append(record(Event::Apply, 100, "0", "100")).unwrap();
-        journal.append(record(Event::Apply, 200, "100", "200")).unwrap();
-        journal.append(record(Event::Decision, 300, "", "")).unwrap();
+        journal
+            .append(record(Event::Apply, 100, "0", "100"))
+            .unwrap();
+        journal
+            .append(record(Event::Apply, 200, "100", "200"))
+            .unwrap();
+        journal
+            .append(record(Event::Decision, 300, "", ""))
+            .unwrap();
         drop(journal);
         // A torn last line (a crash mid-write) is skipped.
         std::fs::OpenOptions::new()
@@ -246,7 +254,9 @@ mod tests {
         let applied = &in_force["cgroup:/a:memory.low"];
         assert_eq!(applied.before.as_deref(), Some("0"));
         assert_eq!(applied.after.as_deref(), Some("200"));
-        journal.append(record(Event::Revert, 200, "200", "0")).unwrap();
+        journal
+            .append(record(Event::Revert, 200, "200", "0"))
+            .unwrap();
         let (_, in_force) = Journal::open(&path).unwrap();
         assert!(in_force.is_empty());
         let (_, seq) = read_in_force(&path).unwrap();

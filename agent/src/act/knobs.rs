@@ -149,7 +149,9 @@ fn restore(path: &Path, change: &Change) -> Result<Reverted, KnobError> {
 fn knob_path(dir: &Path, file: &str) -> Result<PathBuf, KnobError> {
     let plain = file.starts_with("memory.") && !file.contains('/');
     if !plain {
-        return Err(KnobError::Refused(format!("{file:?} is not a memory cgroup file")));
+        return Err(KnobError::Refused(format!(
+            "{file:?} is not a memory cgroup file"
+        )));
     }
     Ok(dir.join(file))
 }
@@ -226,12 +228,18 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("memory.low"), "0\n").unwrap();
         let change = write_cgroup(&dir, "memory.low", "4096").unwrap();
-        assert_eq!((change.before.as_str(), change.after.as_str()), ("0", "4096"));
+        assert_eq!(
+            (change.before.as_str(), change.after.as_str()),
+            ("0", "4096")
+        );
         assert_eq!(
             revert_cgroup(&dir, "memory.low", &change).unwrap(),
             Reverted::Restored
         );
-        assert_eq!(std::fs::read_to_string(dir.join("memory.low")).unwrap(), "0");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("memory.low")).unwrap(),
+            "0"
+        );
         // Someone else's value since the write is left alone.
         let change = write_cgroup(&dir, "memory.low", "8192").unwrap();
         std::fs::write(dir.join("memory.low"), "1234").unwrap();

@@ -4,11 +4,21 @@
 //! - [`Action`]: the vocabulary (pin a file, write a cgroup file, set an `oom_score_adj`,
 //!   unload a runtime's idle models);
 //! - [`safety`]: who may never be acted on (pid 1, kernel threads, the agent, reused pids);
+//! - [`apply`]: carrying an action out on the system, and undoing it;
 //! - [`knobs`]: reading and writing cgroup files and `oom_score_adj`, with the value before;
+//! - [`pin`]: mapping and mlocking model files within a budget;
+//! - [`runtime`]: talking to runtimes (Ollama, llama.cpp server) behind one trait;
 //! - [`journal`]: the append-only record of decisions and actions, and what is in force;
+//! - [`engine`]: applies the policy's wishes by mode, rate-limits, reverts;
+//! - [`hooks`]: alert commands and webhooks.
 
+pub mod apply;
+pub mod engine;
+pub mod hooks;
 pub mod journal;
 pub mod knobs;
+pub mod pin;
+pub mod runtime;
 pub mod safety;
 
 use std::path::PathBuf;
@@ -34,8 +44,12 @@ pub enum Action {
         dev: u64,
         ino: u64,
         bytes: u64,
-        /// The process it is pinned for (None: pinned by hand).
+        /// The process it is pinned for (None: a file pinned by hand).
         holder: Option<ProcessRef>,
+        /// Pinned by hand (`infermem pin`): stays until unpinned or its process exits,
+        /// whatever the policy wishes.
+        #[serde(default)]
+        manual: bool,
     },
     /// Write a memory cgroup file, e.g. `memory.low`.
     CgroupWrite {
@@ -47,7 +61,10 @@ pub enum Action {
     /// Set a process's `oom_score_adj`.
     OomScoreAdj { process: ProcessRef, value: i32 },
     /// Ask a runtime to unload the models it is not using (Ollama: `keep_alive: 0`).
-    UnloadIdleModels { process: ProcessRef, runtime: String },
+    UnloadIdleModels {
+        process: ProcessRef,
+        runtime: String,
+    },
 }
 
 impl Action {
@@ -55,10 +72,14 @@ impl Action {
     pub fn key(&self) -> String {
         match self {
             Action::Pin {
-                dev, ino, holder, ..
-            } => match holder {
-                Some(h) => format!("pin:{dev}:{ino}:{}:{}", h.pid, h.start_time),
-                None => format!("pin:{dev}:{ino}:manual"),
+                dev,
+                ino,
+                holder,
+                manual,
+                ..
+            } => match (manual, holder) {
+                (true, _) | (false, None) => format!("pin:{dev}:{ino}:manual"),
+                (false, Some(h)) => format!("pin:{dev}:{ino}:{}:{}", h.pid, h.start_time),
             },
             Action::CgroupWrite { cgroup, file, .. } => format!("cgroup:{cgroup}:{file}"),
             Action::OomScoreAdj { process, .. } => {

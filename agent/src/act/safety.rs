@@ -30,10 +30,8 @@ impl Guard {
 
     /// Why `action` must not be applied now, if it must not.
     pub fn refuse(&self, action: &Action) -> Option<String> {
-        if let Some(process) = action.process() {
-            if let Some(why) = self.refuse_process(process) {
-                return Some(why);
-            }
+        if let Some(why) = action.process().and_then(|p| self.refuse_process(p)) {
+            return Some(why);
         }
         match action {
             Action::CgroupWrite { cgroup, .. } => self.refuse_cgroup(cgroup),
@@ -71,7 +69,8 @@ impl Guard {
         if cgroup.trim_matches('/').is_empty() {
             return Some("the root cgroup is never written".to_owned());
         }
-        let holds = |inside: &Option<String>| inside.as_deref().is_some_and(|c| is_under(c, cgroup));
+        let holds =
+            |inside: &Option<String>| inside.as_deref().is_some_and(|c| is_under(c, cgroup));
         if holds(&self.agent_cgroup) {
             return Some(format!("{cgroup} holds the agent: never written"));
         }
@@ -119,7 +118,11 @@ mod tests {
             start_time: 0,
             comm: "kthreadd".into(),
         };
-        assert!(g.refuse_process(&kthreadd).unwrap().contains("kernel thread"));
+        assert!(
+            g.refuse_process(&kthreadd)
+                .unwrap()
+                .contains("kernel thread")
+        );
         let other = Guard {
             agent_pid: 0,
             ..guard()
@@ -135,7 +138,12 @@ mod tests {
     #[test]
     fn the_root_and_the_cgroups_of_init_and_the_agent_are_never_written() {
         let g = guard();
-        for refused in ["/", "/system.slice", "/system.slice/infermem.service", "/init.scope"] {
+        for refused in [
+            "/",
+            "/system.slice",
+            "/system.slice/infermem.service",
+            "/init.scope",
+        ] {
             assert!(g.refuse_cgroup(refused).is_some(), "{refused}");
         }
         assert_eq!(g.refuse_cgroup("/system.slice/ollama.service"), None);

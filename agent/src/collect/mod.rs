@@ -6,6 +6,7 @@
 
 pub mod cgroup;
 pub mod host;
+pub mod http;
 pub mod maps;
 pub mod memory;
 pub mod pagemap;

@@ -147,21 +147,7 @@ pub fn parse_ps(body: &str) -> Result<Vec<LoadedModel>, String> {
 
 /// Asks the Ollama server at `address` which models are loaded (plain HTTP, short timeout).
 pub fn loaded_models(address: &str, timeout: Duration) -> Result<Vec<LoadedModel>, String> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(timeout))
-        .build()
-        .into();
-    let url = format!("http://{address}/api/ps");
-    let body = agent
-        .get(&url)
-        .call()
-        .map_err(|e| format!("GET {url}: {e}"))?
-        .body_mut()
-        .with_config()
-        .limit(4 << 20)
-        .read_to_string()
-        .map_err(|e| format!("reading {url}: {e}"))?;
-    parse_ps(&body)
+    parse_ps(&crate::collect::http::get(address, "/api/ps", timeout)?)
 }
 
 #[cfg(test)]
