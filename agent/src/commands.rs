@@ -1,6 +1,9 @@
-//! The thin client commands (`ps`, `status`, `watch`, `inspect`): each asks the running
-//! agent over its socket, or, when none runs, runs the same pipeline in-process and says so
-//! on stderr.
+//! The thin client commands (`ps`, `status`, `watch`, `inspect`, [`actions`]): each asks
+//! the running agent over its socket, or, when none runs, runs the same pipeline in-process
+//! and says so on stderr.
+
+pub mod actions;
+pub mod pin;
 
 use std::{
     path::Path,
@@ -104,8 +107,12 @@ pub fn agent_probes(options: &ClientOptions) -> Option<AgentProbes> {
 
 /// `infermem run`: the agent in the foreground with the config at `config` (or the default
 /// path); `socket` overrides the config's.
-pub fn run(config: Option<&Path>, socket: Option<&Path>) -> ExitCode {
-    let mut options = match lifecycle::RunOptions::load(config) {
+pub fn run(
+    config: Option<&Path>,
+    socket: Option<&Path>,
+    overrides: lifecycle::PolicyOverrides,
+) -> ExitCode {
+    let mut options = match lifecycle::RunOptions::load(config, overrides) {
         Ok(options) => options,
         Err(err) => {
             eprintln!("error: {err}");

@@ -26,6 +26,10 @@ pub struct AgentConfig {
     pub collect: CollectConfig,
     /// `[predictor]`: the thresholds of `docs/predictor.md`, as [`predict::Config`] names them.
     pub predictor: predict::Config,
+    /// `[policy]`: what to protect and how, and whether to act (`docs/policy.md`).
+    pub policy: crate::policy::PolicyConfig,
+    /// `[hooks]`: alert commands and webhooks.
+    pub hooks: crate::act::hooks::HooksConfig,
 }
 
 /// `[api]`: the local socket and who may see what.
@@ -263,6 +267,9 @@ pub fn parse(text: &str, origin: &Path) -> Result<AgentConfig, ConfigError> {
             key_span(text, key),
             format!("[predictor] {key} {why}"),
         ));
+    }
+    if let Err(why) = config.hooks.check() {
+        return Err(invalid(key_span(text, "[hooks]"), format!("[hooks] {why}")));
     }
     let collect = &config.collect;
     if collect.max_processes == 0 {

@@ -6,12 +6,14 @@ use clap::{Args, Parser, Subcommand};
 use infermem::{
     api::DEFAULT_SOCKET,
     api::WatchTarget,
-    commands::{self, ClientOptions, print_json},
+    commands::{self, ClientOptions, pin::PinTarget, print_json},
+    daemon::lifecycle::PolicyOverrides,
     doctor,
     model::{
         ggml::GgmlType,
         plan::{self, PlanRequest, Strategy},
     },
+    policy::PolicyMode,
     probes::{DEFAULT_BTF_PATH, ProbeOptions},
     report, units,
 };
@@ -37,6 +39,12 @@ enum Command {
         /// The config file (default /etc/infermem/config.toml; every key has a default).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Overrides the policy's mode: observe (log only), recommend, enforce (act).
+        #[arg(long, value_enum)]
+        mode: Option<PolicyMode>,
+        /// A policy file replacing the config's [policy] section (docs/policy.md).
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
     },
     /// List the AI workloads: runtime, model, weights resident, KV cache, risk.
     Ps {
@@ -68,6 +76,38 @@ enum Command {
     },
     /// Advise how to run a model file: GPU layers, context, expected RAM and VRAM.
     Plan(PlanArgs),
+    /// The policy's mode, the actions in force, what the policy wishes now, the pins.
+    Actions {
+        /// The config (for its journal when no agent runs).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Keep a process's model files (or one file) resident in RAM (through the agent, or in
+    /// this command with --hold).
+    Pin {
+        /// A pid, or the path of a model file.
+        target: String,
+        /// Hold the pin until Ctrl-C (without an agent, the pin lasts only while this runs).
+        #[arg(long)]
+        hold: bool,
+        /// Print what was pinned as JSON lines (without an agent).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Release a pin made by hand through the agent.
+    Unpin {
+        /// A pid, or the path of a model file.
+        target: String,
+    },
+    /// Undo every action in force (the agent's, or those a crashed agent left behind).
+    Revert {
+        /// The config (for its journal when no agent runs).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Check the kernel features infermem needs or can use.
     Doctor {
         /// Print the checks as JSON.
@@ -197,7 +237,15 @@ fn main() -> ExitCode {
         probes,
     };
     match cli.command {
-        Command::Run { config } => commands::run(config.as_deref(), cli.socket.as_deref()),
+        Command::Run {
+            config,
+            mode,
+            policy,
+        } => commands::run(
+            config.as_deref(),
+            cli.socket.as_deref(),
+            PolicyOverrides { mode, file: policy },
+        ),
         Command::Ps { json } => commands::ps(&client, json),
         Command::Status { json } => commands::status(&client, json),
         Command::Watch(args) => commands::watch(&client, args.target.target(), args.json),
@@ -208,6 +256,14 @@ fn main() -> ExitCode {
             require_ebpf,
         } => commands::inspect(&client, pid, duration, json, require_ebpf),
         Command::Plan(args) => run_plan(args),
+        Command::Actions { config, json } => {
+            commands::actions::actions(&client, config.as_deref(), json)
+        }
+        Command::Pin { target, hold, json } => {
+            commands::pin::pin(&client, &PinTarget::parse(&target), hold, json)
+        }
+        Command::Unpin { target } => commands::pin::unpin(&client, &PinTarget::parse(&target)),
+        Command::Revert { config } => commands::actions::revert(&client, config.as_deref()),
         Command::Doctor { json } => {
             let checks = doctor::run(&client.probes, commands::agent_probes(&client).as_ref());
             if json {

@@ -92,6 +92,47 @@ impl Client {
         }
     }
 
+    /// The policy's mode, the actions in force and wished for, the pins.
+    pub async fn actions(&mut self) -> Result<proto::ActionsReply, ClientError> {
+        let request = request::Kind::Actions(proto::ActionsRequest {});
+        match self.call(request, REPLY_TIMEOUT).await? {
+            response::Kind::Actions(reply) => Ok(reply),
+            _ => Err(ClientError::Unexpected("actions")),
+        }
+    }
+
+    /// Undoes every action in force.
+    pub async fn revert(&mut self) -> Result<proto::ActReply, ClientError> {
+        let request = request::Kind::Revert(proto::RevertRequest {});
+        self.act(request, "revert").await
+    }
+
+    /// Pins (or, `pin` false, unpins) a process's model files or one file.
+    pub async fn pin(
+        &mut self,
+        request: proto::PinRequest,
+        pin: bool,
+    ) -> Result<proto::ActReply, ClientError> {
+        if pin {
+            self.act(request::Kind::Pin(request), "pin").await
+        } else {
+            self.act(request::Kind::Unpin(request), "unpin").await
+        }
+    }
+
+    async fn act(
+        &mut self,
+        request: request::Kind,
+        what: &'static str,
+    ) -> Result<proto::ActReply, ClientError> {
+        // Pinning faults a whole file in: give it the agent's own limit.
+        let timeout = crate::daemon::actions::REPLY_TIMEOUT + REPLY_TIMEOUT;
+        match self.call(request, timeout).await? {
+            response::Kind::Act(reply) => Ok(reply),
+            _ => Err(ClientError::Unexpected(what)),
+        }
+    }
+
     /// The inspect report of `pid` after sampling it for `duration` (the agent keeps it
     /// within 100 ms..=60 s).
     pub async fn inspect(

@@ -95,6 +95,17 @@ pub trait Service: Send + Sync + 'static {
         peer: &Peer,
         target: &mut WatchTarget,
     ) -> Result<proto::WatchUpdate, proto::Error>;
+    /// The policy's mode, the actions in force and wished for, the pins.
+    fn actions(&self, peer: &Peer) -> Result<proto::ActionsReply, proto::Error>;
+    /// Undoes every action in force (root or the admin group).
+    fn revert(&self, peer: &Peer) -> Result<proto::ActReply, proto::Error>;
+    /// Pins (`pin`) or unpins a process's model files or one file (root or the admin group).
+    fn pin(
+        &self,
+        peer: &Peer,
+        request: proto::PinRequest,
+        pin: bool,
+    ) -> Result<proto::ActReply, proto::Error>;
     /// The inspect report of `pid`, sampled for `duration`.
     fn inspect(
         &self,

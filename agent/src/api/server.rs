@@ -248,6 +248,18 @@ async fn handle<S: Service>(
             .await
             .map(response::Kind::Inspect),
         Some(request::Kind::Watch(r)) => return stream_watch(&mut stream, &service, peer, r).await,
+        Some(request::Kind::Actions(_)) => blocking(&service, move |s| s.actions(&peer))
+            .await
+            .and_then(|r| r.map(response::Kind::Actions)),
+        Some(request::Kind::Revert(_)) => blocking(&service, move |s| s.revert(&peer))
+            .await
+            .and_then(|r| r.map(response::Kind::Act)),
+        Some(request::Kind::Pin(r)) => blocking(&service, move |s| s.pin(&peer, r, true))
+            .await
+            .and_then(|r| r.map(response::Kind::Act)),
+        Some(request::Kind::Unpin(r)) => blocking(&service, move |s| s.pin(&peer, r, false))
+            .await
+            .and_then(|r| r.map(response::Kind::Act)),
     };
     send(&mut stream, answer).await
 }

@@ -11,12 +11,19 @@ use std::{
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
+    act::{apply::Target, engine::Engine, hooks::Hooks, pin::Pinner, safety::Guard},
     api::server::{self, ServerOptions},
     config::{self, AgentConfig},
+    policy::{self, PolicyConfig, PolicyMode},
     probes::ProbeOptions,
 };
 
-use super::{Agent, Mode, Settings, notify::Notifier, service::AgentService};
+use super::{
+    Agent, Mode, Settings,
+    actions::{self, ActionsHandle},
+    notify::Notifier,
+    service::AgentService,
+};
 
 /// A watchdog ping is withheld when the pipeline has not finished a round for this long,
 /// so that systemd restarts a stuck agent.
@@ -36,11 +43,36 @@ pub struct RunOptions {
     pub reload: Box<dyn Fn() -> Result<Settings, String> + Send + Sync>,
 }
 
+/// What the command line overrides in the config's `[policy]`.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyOverrides {
+    /// `--mode`.
+    pub mode: Option<PolicyMode>,
+    /// `--policy FILE`: replaces the config's `[policy]` (re-read on SIGHUP too).
+    pub file: Option<PathBuf>,
+}
+
+impl PolicyOverrides {
+    /// The config's policy with the overrides applied.
+    fn apply(&self, config: &mut AgentConfig) -> Result<(), String> {
+        if let Some(path) = &self.file {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            config.policy = policy::parse_file(&text, path)?;
+        }
+        if let Some(mode) = self.mode {
+            config.policy.mode = mode;
+        }
+        Ok(())
+    }
+}
+
 impl RunOptions {
     /// The options from the config file at `path` (default [`config::DEFAULT_PATH`], all
     /// defaults when it does not exist); SIGHUP re-reads the same file.
-    pub fn load(path: Option<&Path>) -> Result<RunOptions, String> {
-        let (config, source) = config::load(path).map_err(|e| e.to_string())?;
+    pub fn load(path: Option<&Path>, overrides: PolicyOverrides) -> Result<RunOptions, String> {
+        let (mut config, source) = config::load(path).map_err(|e| e.to_string())?;
+        overrides.apply(&mut config)?;
         let (socket_gid, admin_gid) = config.group_ids()?;
         let explicit = path.is_some();
         Ok(RunOptions {
@@ -52,7 +84,8 @@ impl RunOptions {
             admin_gid,
             reload: Box::new(move || {
                 let path = explicit.then_some(source.as_path());
-                let (config, _) = config::load(path).map_err(|e| e.to_string())?;
+                let (mut config, _) = config::load(path).map_err(|e| e.to_string())?;
+                overrides.apply(&mut config)?;
                 Ok(settings(&config))
             }),
         })
@@ -68,6 +101,8 @@ fn settings(config: &AgentConfig) -> Settings {
         idle_interval: config.collect.idle_process_interval.0,
         model_min_bytes: config.probes.model_mapping_min.0,
         max_processes: config.collect.max_processes,
+        policy: config.policy.clone(),
+        hooks: config.hooks.clone(),
     }
 }
 
@@ -81,6 +116,8 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
     if let Some(reason) = agent.ebpf_reason() {
         tracing::warn!("eBPF is off ({reason}): running on procfs and cgroupfs alone");
     }
+    agent.act().hooks = Some(Arc::new(Hooks::start(options.settings.hooks.clone())));
+    let actions_thread = start_actions(&agent, &options.settings.policy)?;
     agent.seed_all();
     // Loading the probes parsed the kernel's BTF (tens of MiB, freed since): give the freed
     // heap back to the system rather than keep it as the agent's resident memory.
@@ -99,7 +136,41 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
     for thread in threads {
         let _ = thread.join();
     }
+    // The last sender gone, the actions thread reverts what it applied and ends.
+    drop(agent.act().actions.take());
+    if let Some(thread) = actions_thread {
+        let _ = thread.join();
+    }
     served
+}
+
+/// Opens the journal, reverts what an earlier run left in force, and starts the actions
+/// thread. A policy with workload rules needs its journal (every action must be on record):
+/// without one the agent does not start; with no rule, it runs without actions.
+fn start_actions(
+    agent: &Agent,
+    policy: &PolicyConfig,
+) -> anyhow::Result<Option<std::thread::JoinHandle<()>>> {
+    let pinner = Pinner::new(policy.pin_budget.0, policy.pin_reserve.0);
+    let started = Engine::start(
+        actions::engine_options(policy),
+        Guard::for_this_agent(&agent.layout),
+        Target::new(&agent.layout, pinner),
+        agent.act().hooks.clone(),
+    );
+    let journal = policy.journal.display();
+    let engine = match started {
+        Ok(engine) => engine,
+        Err(err) if policy.workloads.is_empty() => {
+            tracing::warn!("no action journal ({journal}: {err}): actions are off until a restart");
+            return Ok(None);
+        }
+        Err(err) => anyhow::bail!("the action journal {journal}: {err}"),
+    };
+    tracing::info!(mode = %policy.mode, %journal, "policy engine ready");
+    let (handle, thread) = ActionsHandle::start(engine);
+    agent.act().actions = Some(handle);
+    Ok(Some(thread))
 }
 
 async fn serve(agent: &Arc<Agent>, options: &RunOptions) -> anyhow::Result<()> {

@@ -6,11 +6,14 @@
 //! 3. [`registry`]: every process (pid + start time), memory cgroup and the host;
 //! 4. [`analyse`]: model analysis of processes whose mappings changed, on its own thread;
 //! 5. [`assess`]: the predictor over the registry's histories, with hysteresis;
-//! 6. [`service`]: the local API's answers ([`crate::api::Service`]).
+//! 6. [`actions`]: the policy's wishes to the actions thread, alerts to the hooks;
+//! 7. [`service`]: the local API's answers ([`crate::api::Service`]).
 //!
 //! [`lifecycle`] runs it all as a service (config, socket, signals, sd_notify); standalone
 //! commands run the same pipeline in-process ([`Agent::standalone`]).
 
+pub mod act_api;
+pub mod actions;
 pub mod analyse;
 pub mod assess;
 pub mod ingest;
@@ -66,6 +69,10 @@ pub struct Settings {
     pub model_min_bytes: u64,
     /// Most processes tracked.
     pub max_processes: usize,
+    /// What to protect and how; whether to act.
+    pub policy: crate::policy::PolicyConfig,
+    /// Alert commands and webhooks.
+    pub hooks: crate::act::hooks::HooksConfig,
 }
 
 impl Default for Settings {
@@ -77,6 +84,8 @@ impl Default for Settings {
             idle_interval: Duration::from_secs(30),
             model_min_bytes: infermem_common::BucketPolicy::HOST.min_mapping_bytes,
             max_processes: 65_536,
+            policy: crate::policy::PolicyConfig::default(),
+            hooks: crate::act::hooks::HooksConfig::default(),
         }
     }
 }
@@ -104,6 +113,8 @@ pub struct Agent {
     stop: AtomicBool,
     /// Seconds after `origin` at which the pipeline last finished a round (watchdog).
     heartbeat_ms: AtomicU64,
+    /// The actions thread, the hooks and what was alerted (daemon mode).
+    act: Mutex<actions::Stage>,
 }
 
 impl Agent {
@@ -125,7 +136,15 @@ impl Agent {
             mode,
             stop: AtomicBool::new(false),
             heartbeat_ms: AtomicU64::new(0),
+            act: Mutex::new(actions::Stage::default()),
         }
+    }
+
+    /// The actions stage, locked (before the registry, if both are needed).
+    pub fn act(&self) -> MutexGuard<'_, actions::Stage> {
+        self.act
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The registry, locked. Hold it only to read or store, never across I/O.
@@ -156,6 +175,8 @@ impl Agent {
 
     /// Applies reloaded settings from the next round on.
     pub fn reload(&self, settings: Settings) {
+        let hooks = (self.settings().hooks != settings.hooks).then(|| settings.hooks.clone());
+        self.act().reconfigure(&settings.policy, hooks);
         *self
             .settings
             .write()
@@ -291,8 +312,9 @@ impl Agent {
     pub fn round(&self, analysis: &mpsc::SyncSender<registry::ProcessKey>) {
         sample::tick(self);
         analyse::dispatch(self, analysis);
-        let cfg = self.settings().predictor;
-        assess::assess_all(&mut self.lock(), &cfg);
+        let settings = self.settings();
+        assess::assess_all(&mut self.lock(), &settings.predictor);
+        actions::round(self, &settings.policy);
         let elapsed = self.origin.elapsed().as_millis() as u64;
         self.heartbeat_ms.store(elapsed, Ordering::Relaxed);
     }

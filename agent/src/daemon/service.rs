@@ -89,6 +89,23 @@ impl Service for AgentService {
         Ok(update)
     }
 
+    fn actions(&self, peer: &Peer) -> Result<proto::ActionsReply, proto::Error> {
+        super::act_api::actions(&self.0, peer)
+    }
+
+    fn revert(&self, peer: &Peer) -> Result<proto::ActReply, proto::Error> {
+        super::act_api::revert(&self.0, peer)
+    }
+
+    fn pin(
+        &self,
+        peer: &Peer,
+        request: proto::PinRequest,
+        pin: bool,
+    ) -> Result<proto::ActReply, proto::Error> {
+        super::act_api::pin(&self.0, peer, request, pin)
+    }
+
     async fn inspect(
         &self,
         peer: &Peer,
@@ -166,10 +183,7 @@ fn workload(p: &TrackedProcess) -> proto::Workload {
         start_time: p.state.identity.start_time,
         uid: p.uid,
         comm: p.state.identity.comm.clone(),
-        runtime: serde_json::to_value(report.runtime)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default(),
+        runtime: report.runtime.id(),
         model: main_file
             .map(|f| f.file.path.display().to_string())
             .unwrap_or_default(),

@@ -29,6 +29,14 @@ pub enum Runtime {
 }
 
 impl Runtime {
+    /// Its id, as the JSON and the policy's matchers spell it (`llama-cpp`, `ollama`…).
+    pub fn id(self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    }
+
     /// A name for people.
     pub fn label(self) -> &'static str {
         match self {

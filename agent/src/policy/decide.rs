@@ -44,7 +44,8 @@ pub struct ProcessView {
 }
 
 impl ProcessView {
-    fn subject(&self) -> Subject<'_> {
+    /// The facts a matcher looks at.
+    pub fn subject(&self) -> Subject<'_> {
         Subject {
             comm: self.process.as_ref().map_or("", |p| p.comm.as_str()),
             exe: self.exe.as_deref(),
@@ -73,7 +74,10 @@ pub fn decide(policy: &PolicyConfig, view: &View) -> Vec<Wish> {
         .iter()
         .filter(|p| p.process.is_some() && !never(p))
         .filter_map(|p| {
-            let rule = policy.workloads.iter().find(|r| r.matcher.matches(&p.subject()))?;
+            let rule = policy
+                .workloads
+                .iter()
+                .find(|r| r.matcher.matches(&p.subject()))?;
             Some((p, rule.profile()))
         })
         .collect();
@@ -92,16 +96,33 @@ pub fn decide(policy: &PolicyConfig, view: &View) -> Vec<Wish> {
             comm(first),
             first.process.as_ref().map_or(0, |p| p.pid),
             first.level,
-            serde_json::to_value(profile.name).unwrap_or_default().as_str().unwrap_or("")
+            serde_json::to_value(profile.name)
+                .unwrap_or_default()
+                .as_str()
+                .unwrap_or("")
         );
-        let protected_cgroups: Vec<&str> =
-            protected.iter().filter_map(|(p, _)| p.cgroup.as_deref()).collect();
+        let protected_cgroups: Vec<&str> = protected
+            .iter()
+            .filter_map(|(p, _)| p.cgroup.as_deref())
+            .collect();
         let neighbours = view.processes.iter().filter(|p| {
-            p.process.is_some() && !never(p) && !protected.iter().any(|(q, _)| q.process == p.process)
+            p.process.is_some()
+                && !never(p)
+                && !protected.iter().any(|(q, _)| q.process == p.process)
         });
         for neighbour in neighbours {
-            if let Some(rule) = policy.neighbours.iter().find(|r| r.matcher.matches(&neighbour.subject())) {
-                wishes.extend(yield_memory(neighbour, rule, &protected_cgroups, view, &why));
+            if let Some(rule) = policy
+                .neighbours
+                .iter()
+                .find(|r| r.matcher.matches(&neighbour.subject()))
+            {
+                wishes.extend(yield_memory(
+                    neighbour,
+                    rule,
+                    &protected_cgroups,
+                    view,
+                    &why,
+                ));
             }
         }
     }
@@ -113,9 +134,19 @@ fn comm(p: &ProcessView) -> &str {
 }
 
 /// Pins, `oom_score_adj` and unloads for one protected process.
-fn protect_process(p: &ProcessView, profile: &Profile, version: Option<CgroupVersion>) -> Vec<Wish> {
-    let process = p.process.clone().expect("protected processes have an identity");
-    let who = format!("{} (pid {}), {:?} profile", process.comm, process.pid, profile.name);
+fn protect_process(
+    p: &ProcessView,
+    profile: &Profile,
+    version: Option<CgroupVersion>,
+) -> Vec<Wish> {
+    let process = p
+        .process
+        .clone()
+        .expect("protected processes have an identity");
+    let who = format!(
+        "{} (pid {}), {:?} profile",
+        process.comm, process.pid, profile.name
+    );
     let mut wishes = Vec::new();
     if profile.pin_weights {
         for model in &p.models {
@@ -126,6 +157,7 @@ fn protect_process(p: &ProcessView, profile: &Profile, version: Option<CgroupVer
                     ino: model.ino,
                     bytes: model.bytes,
                     holder: Some(process.clone()),
+                    manual: false,
                 },
                 reason: format!("keep the weights of {who} resident"),
             });
@@ -140,8 +172,15 @@ fn protect_process(p: &ProcessView, profile: &Profile, version: Option<CgroupVer
             reason: format!("make {who} the OOM killer's last choice"),
         });
     }
-    if let (Some(swap), Some(cgroup), Some(CgroupVersion::V2)) = (profile.swap_max, &p.cgroup, version) {
-        wishes.push(cgroup_write(cgroup, "memory.swap.max", swap, format!("keep {who} out of swap")));
+    if let (Some(swap), Some(cgroup), Some(CgroupVersion::V2)) =
+        (profile.swap_max, &p.cgroup, version)
+    {
+        wishes.push(cgroup_write(
+            cgroup,
+            "memory.swap.max",
+            swap,
+            format!("keep {who} out of swap"),
+        ));
     }
     let unloadable = p.runtime.as_deref() == Some("ollama");
     if profile.unload_idle_models && unloadable && p.level >= Level::Critical {
@@ -157,10 +196,15 @@ fn protect_process(p: &ProcessView, profile: &Profile, version: Option<CgroupVer
 }
 
 /// The protection of each protected workload's cgroup: the sum over its workloads.
-fn protect_cgroups(protected: &[(&ProcessView, Profile)], version: Option<CgroupVersion>) -> Vec<Wish> {
+fn protect_cgroups(
+    protected: &[(&ProcessView, Profile)],
+    version: Option<CgroupVersion>,
+) -> Vec<Wish> {
     let mut sizes: BTreeMap<(&str, &'static str), (u64, Vec<String>)> = BTreeMap::new();
     for (p, profile) in protected {
-        let (Some(cgroup), Some(file)) = (p.cgroup.as_deref(), protect_file(profile.protect, version)) else {
+        let (Some(cgroup), Some(file)) =
+            (p.cgroup.as_deref(), protect_file(profile.protect, version))
+        else {
             continue;
         };
         if cgroup.trim_matches('/').is_empty() {
@@ -197,7 +241,11 @@ fn protect_file(protect: Protect, version: Option<CgroupVersion>) -> Option<&'st
 /// Weights + the KV allowance, plus the headroom; the RSS when nothing is known of a model.
 fn protect_bytes(p: &ProcessView, profile: &Profile) -> u64 {
     let model = p.weights_bytes as f64 + profile.kv_allowance * p.kv_bytes as f64;
-    let base = if model > 0.0 { model } else { p.rss_bytes as f64 };
+    let base = if model > 0.0 {
+        model
+    } else {
+        p.rss_bytes as f64
+    };
     (base * (1.0 + profile.protect_headroom)) as u64
 }
 
@@ -217,12 +265,22 @@ fn yield_memory(
                 process: process.clone(),
                 value: adj.0,
             },
-            reason: format!("{why}: make neighbour {} (pid {}) the OOM killer's first choice", process.comm, process.pid),
+            reason: format!(
+                "{why}: make neighbour {} (pid {}) the OOM killer's first choice",
+                process.comm, process.pid
+            ),
         });
     }
-    let cgroup = n.cgroup.as_deref().filter(|c| !c.trim_matches('/').is_empty());
+    let cgroup = n
+        .cgroup
+        .as_deref()
+        .filter(|c| !c.trim_matches('/').is_empty());
     // Throttling a cgroup that holds a protected workload would throttle it too.
-    let shared = |c: &str| protected_cgroups.iter().any(|p| is_under(p, c) || is_under(c, p));
+    let shared = |c: &str| {
+        protected_cgroups
+            .iter()
+            .any(|p| is_under(p, c) || is_under(c, p))
+    };
     if let (true, Some(cgroup), Some(version)) = (rule.throttle, cgroup, view.version)
         && !shared(cgroup)
     {
@@ -232,7 +290,12 @@ fn yield_memory(
             // v1 soft limit 0: global reclaim takes from this cgroup first; no OOM kill.
             CgroupVersion::V1 => ("memory.soft_limit_in_bytes", 0),
         };
-        wishes.push(cgroup_write(cgroup, file, value, format!("{why}: throttle neighbour cgroup {cgroup}")));
+        wishes.push(cgroup_write(
+            cgroup,
+            file,
+            value,
+            format!("{why}: throttle neighbour cgroup {cgroup}"),
+        ));
     }
     wishes
 }

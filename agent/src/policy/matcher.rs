@@ -61,14 +61,20 @@ impl TryFrom<RawMatcher> for Matcher {
             &raw.model,
         ];
         if fields.iter().all(|f| f.is_empty()) {
-            return Err("a match needs at least one of comm, exe, runtime, cgroup, user, \
+            return Err(
+                "a match needs at least one of comm, exe, runtime, cgroup, user, \
                         model: an empty one would match every process"
-                .into());
+                    .into(),
+            );
         }
         if let Some(empty) = fields.iter().flat_map(|f| f.iter()).find(|p| p.is_empty()) {
             return Err(format!("an empty pattern {empty:?} matches nothing"));
         }
-        let uids = raw.user.iter().map(|u| user_id(u)).collect::<Result<_, _>>()?;
+        let uids = raw
+            .user
+            .iter()
+            .map(|u| user_id(u))
+            .collect::<Result<_, _>>()?;
         Ok(Matcher {
             comm: raw.comm,
             exe: raw.exe,
@@ -88,8 +94,7 @@ impl Matcher {
             && any_glob(&self.runtime, s.runtime)
             && any_glob(&self.cgroup, s.cgroup)
             && (self.uids.is_empty() || self.uids.contains(&s.uid))
-            && (self.model.is_empty()
-                || s.models.iter().any(|m| any_glob(&self.model, Some(m))))
+            && (self.model.is_empty() || s.models.iter().any(|m| any_glob(&self.model, Some(m))))
     }
 }
 

@@ -114,9 +114,9 @@ fn yes() -> bool {
 /// section, without the section header. Errors name the line and the key.
 pub fn parse_file(text: &str, origin: &std::path::Path) -> Result<PolicyConfig, String> {
     toml::from_str::<PolicyConfig>(text).map_err(|e| {
-        let line = e
-            .span()
-            .map_or(1, |s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+        let line = e.span().map_or(1, |s| {
+            text[..s.start.min(text.len())].matches('\n').count() + 1
+        });
         format!("{}:{line}: {}", origin.display(), e.message())
     })
 }

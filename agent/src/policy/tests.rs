@@ -86,7 +86,10 @@ fn keys(wishes: &[crate::act::Wish]) -> Vec<String> {
 #[test]
 fn globs_match_like_a_shell() {
     assert!(glob("llama-*", "llama-server"));
-    assert!(glob("/user.slice/*", "/user.slice/user-1000.slice/session-2.scope"));
+    assert!(glob(
+        "/user.slice/*",
+        "/user.slice/user-1000.slice/session-2.scope"
+    ));
     assert!(glob("cc?", "cc1"));
     assert!(!glob("cc?", "cc12"));
     assert!(!glob("ollama", "ollama2"));
@@ -105,29 +108,51 @@ fn a_policy_file_parses_with_profiles_and_overrides() {
     assert_eq!(p.neighbours[0].oom_score_adj.map(|a| a.0), Some(500));
     assert!(!p.neighbours[1].throttle);
     let default = PolicyConfig::default();
-    assert_eq!(default.mode, PolicyMode::Observe, "observe unless told otherwise");
+    assert_eq!(
+        default.mode,
+        PolicyMode::Observe,
+        "observe unless told otherwise"
+    );
 }
 
 #[test]
 fn a_malformed_policy_names_its_line() {
     let cases = [
         ("mode = \"yolo\"\n", 1, "unknown variant"),
-        ("[[workload]]\nprofile = \"local_llm\"\nmatch = {}\n", 3, "at least one"),
-        ("[[workload]]\nprofile = \"gaming\"\nmatch = { comm = [\"x\"] }\n", 2, "unknown variant"),
-        ("[[neighbour]]\nmatch = { comm = [\"x\"] }\noom_score_adj = 5000\n", 3, "outside"),
+        (
+            "[[workload]]\nprofile = \"local_llm\"\nmatch = {}\n",
+            3,
+            "at least one",
+        ),
+        (
+            "[[workload]]\nprofile = \"gaming\"\nmatch = { comm = [\"x\"] }\n",
+            2,
+            "unknown variant",
+        ),
+        (
+            "[[neighbour]]\nmatch = { comm = [\"x\"] }\noom_score_adj = 5000\n",
+            3,
+            "outside",
+        ),
         ("[[never]]\nuser = [\"no-such-user-here\"]\n", 1, "no user"),
         ("\n\nmax_actions = 3\n", 3, "unknown field"),
     ];
     for (text, line, words) in cases {
         let err = parse_file(text, Path::new("p.toml")).unwrap_err();
-        assert!(err.starts_with(&format!("p.toml:{line}:")), "{text:?}: {err}");
+        assert!(
+            err.starts_with(&format!("p.toml:{line}:")),
+            "{text:?}: {err}"
+        );
         assert!(err.contains(words), "{text:?}: {err}");
     }
 }
 
 #[test]
 fn a_protected_model_is_pinned_scored_and_its_cgroup_protected_on_v2() {
-    let wishes = decide(&policy(), &view(CgroupVersion::V2, vec![model_process(Level::Ok)]));
+    let wishes = decide(
+        &policy(),
+        &view(CgroupVersion::V2, vec![model_process(Level::Ok)]),
+    );
     assert_eq!(
         keys(&wishes),
         [
@@ -140,13 +165,22 @@ fn a_protected_model_is_pinned_scored_and_its_cgroup_protected_on_v2() {
     let low = &wishes[3].action;
     // (4 GiB weights + 1 GiB KV) × 1.10 headroom.
     let expected = ((5u64 << 30) as f64 * 1.10) as u64;
-    assert!(matches!(low, Action::CgroupWrite { value, .. } if *value == expected), "{low:?}");
-    assert!(matches!(wishes[1].action, Action::OomScoreAdj { value: -900, .. }));
+    assert!(
+        matches!(low, Action::CgroupWrite { value, .. } if *value == expected),
+        "{low:?}"
+    );
+    assert!(matches!(
+        wishes[1].action,
+        Action::OomScoreAdj { value: -900, .. }
+    ));
 }
 
 #[test]
 fn v1_protects_with_the_soft_limit_and_sets_no_swap_limit() {
-    let wishes = decide(&policy(), &view(CgroupVersion::V1, vec![model_process(Level::Ok)]));
+    let wishes = decide(
+        &policy(),
+        &view(CgroupVersion::V1, vec![model_process(Level::Ok)]),
+    );
     assert!(keys(&wishes).contains(&"cgroup:/srv/llama:memory.soft_limit_in_bytes".to_owned()));
     assert!(!keys(&wishes).iter().any(|k| k.contains("swap")));
 }
@@ -162,8 +196,15 @@ fn neighbours_yield_only_while_a_protected_workload_is_at_risk() {
         ]
     };
     let calm = decide(&policy(), &view(CgroupVersion::V2, everyone(Level::Ok)));
-    assert!(!keys(&calm).iter().any(|k| k.contains(":20:") || k.contains(":21:")));
-    let risky = decide(&policy(), &view(CgroupVersion::V2, everyone(Level::Elevated)));
+    assert!(
+        !keys(&calm)
+            .iter()
+            .any(|k| k.contains(":20:") || k.contains(":21:"))
+    );
+    let risky = decide(
+        &policy(),
+        &view(CgroupVersion::V2, everyone(Level::Elevated)),
+    );
     let k = keys(&risky);
     assert!(k.contains(&"oom_score_adj:20:120".to_owned()));
     assert!(k.contains(&"cgroup:/build:memory.high".to_owned()));
@@ -172,7 +213,10 @@ fn neighbours_yield_only_while_a_protected_workload_is_at_risk() {
     assert!(!k.iter().any(|k| k.starts_with("cgroup:/user.slice")));
     // sshd is never acted on.
     assert!(!k.iter().any(|k| k.contains(":22:")));
-    let high = risky.iter().find(|w| w.action.key() == "cgroup:/build:memory.high").unwrap();
+    let high = risky
+        .iter()
+        .find(|w| w.action.key() == "cgroup:/build:memory.high")
+        .unwrap();
     assert!(matches!(high.action, Action::CgroupWrite { value, .. } if value == 900 << 20));
 }
 
@@ -182,7 +226,10 @@ fn a_neighbour_sharing_the_protected_cgroup_is_not_throttled() {
     neighbour.cgroup = Some("/srv/llama".into());
     let wishes = decide(
         &policy(),
-        &view(CgroupVersion::V2, vec![model_process(Level::Critical), neighbour]),
+        &view(
+            CgroupVersion::V2,
+            vec![model_process(Level::Critical), neighbour],
+        ),
     );
     assert!(keys(&wishes).contains(&"oom_score_adj:20:120".to_owned()));
     assert!(!keys(&wishes).iter().any(|k| k.ends_with("memory.high")));
@@ -196,8 +243,11 @@ fn ollama_is_asked_to_unload_idle_models_only_when_critical() {
         ..process(30, "ollama", "/system.slice/ollama.service")
     };
     let unload = |level| {
-        keys(&decide(&policy(), &view(CgroupVersion::V2, vec![ollama(level)])))
-            .contains(&"unload:30:130".to_owned())
+        keys(&decide(
+            &policy(),
+            &view(CgroupVersion::V2, vec![ollama(level)]),
+        ))
+        .contains(&"unload:30:130".to_owned())
     };
     assert!(!unload(Level::Elevated));
     assert!(unload(Level::Critical));
@@ -207,8 +257,17 @@ fn ollama_is_asked_to_unload_idle_models_only_when_critical() {
 fn processes_outside_the_policy_get_nothing() {
     let wishes = decide(
         &policy(),
-        &view(CgroupVersion::V2, vec![process(40, "postgres", "/system.slice/pg.service")]),
+        &view(
+            CgroupVersion::V2,
+            vec![process(40, "postgres", "/system.slice/pg.service")],
+        ),
     );
     assert!(wishes.is_empty(), "{wishes:?}");
-    assert!(decide(&PolicyConfig::default(), &view(CgroupVersion::V2, vec![model_process(Level::Critical)])).is_empty());
+    assert!(
+        decide(
+            &PolicyConfig::default(),
+            &view(CgroupVersion::V2, vec![model_process(Level::Critical)])
+        )
+        .is_empty()
+    );
 }

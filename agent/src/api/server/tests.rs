@@ -54,6 +54,23 @@ impl Service for Stub {
         })
     }
 
+    fn actions(&self, _peer: &Peer) -> Result<proto::ActionsReply, proto::Error> {
+        Err(error("unavailable", "the stub has no actions"))
+    }
+
+    fn revert(&self, _peer: &Peer) -> Result<proto::ActReply, proto::Error> {
+        Err(error("unavailable", "the stub has no actions"))
+    }
+
+    fn pin(
+        &self,
+        _peer: &Peer,
+        _request: proto::PinRequest,
+        _pin: bool,
+    ) -> Result<proto::ActReply, proto::Error> {
+        Err(error("unavailable", "the stub has no actions"))
+    }
+
     async fn inspect(
         &self,
         _peer: &Peer,
