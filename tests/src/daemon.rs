@@ -58,6 +58,16 @@ impl Daemon {
     /// Starts an agent whose config's `[api]` section holds its socket and the lines
     /// `api_extra` (e.g. `socket_group = "x"`), and waits until it answers.
     pub fn start_with(name: &str, api_extra: &str) -> Daemon {
+        Daemon::start_configured(name, api_extra, "")
+    }
+
+    /// Starts an agent whose `[policy]` holds a journal in its scratch directory and the
+    /// lines `policy` (keys, then `[[policy.workload]]` tables…), and waits until it answers.
+    pub fn start_with_policy(name: &str, policy: &str) -> Daemon {
+        Daemon::start_configured(name, "", policy)
+    }
+
+    fn start_configured(name: &str, api_extra: &str, policy: &str) -> Daemon {
         let dir = scratch_dir(name);
         // Other users' clients must reach the socket through this directory.
         std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
@@ -72,8 +82,9 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "[api]\nsocket = \"{}\"\n{api_extra}\n",
-                socket.to_str().expect("a UTF-8 path")
+                "[api]\nsocket = \"{}\"\n{api_extra}\n[policy]\njournal = \"{}\"\n{policy}\n",
+                socket.to_str().expect("a UTF-8 path"),
+                dir.join("journal.jsonl").to_str().expect("a UTF-8 path"),
             ),
         )
         .expect("write the agent's config");

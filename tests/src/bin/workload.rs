@@ -29,6 +29,9 @@
 //!   every page of it, pass after pass, and says `rate` about once a second (`work`: pages
 //!   read since the last `rate`, over `seconds`; `t`: Unix time) until stdin closes (for
 //!   `cargo xtask bench protect`).
+//! - `read FILE`: drops FILE from the page cache, then reads it once with read(2) (its pages
+//!   come back into the page cache, charged to this process's memory cgroup), says `read`,
+//!   then waits until stdin closes (a page-cache load, or a flood of one).
 
 use std::{
     fs::File,
@@ -54,13 +57,14 @@ fn main() {
         "map-file" => map_file(arg(1)),
         "chroot" => chroot(arg(1)),
         "serve" => serve(arg(1)),
+        "read" => read_once(arg(1)),
         _ => usage(),
     }
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: workload map-and-alloc FILE FILE_MIB ANON_MIB | storm FILE CHILDREN | hog MIB_PER_STEP | ramp MIB_PER_S STOP_MIB | bursty MIB_PER_S BURST_MIB STOP_MIB | steady MIB | churn MIB ITERATIONS | map-file FILE | chroot DIR | serve FILE"
+        "usage: workload map-and-alloc FILE FILE_MIB ANON_MIB | storm FILE CHILDREN | hog MIB_PER_STEP | ramp MIB_PER_S STOP_MIB | bursty MIB_PER_S BURST_MIB STOP_MIB | steady MIB | churn MIB ITERATIONS | map-file FILE | chroot DIR | serve FILE | read FILE"
     );
     std::process::exit(2)
 }
@@ -352,6 +356,26 @@ fn serve(path: &str) {
             }
         }
     }
+}
+
+/// Reads a file once through the page cache, after dropping it from there.
+fn read_once(path: &str) {
+    use std::io::Read as _;
+    let mut file = File::open(path).expect("open the file");
+    // SAFETY: advice about our own open file.
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    let (mut buffer, mut bytes) = (vec![0u8; 1 << 20], 0u64);
+    loop {
+        match file.read(&mut buffer).expect("read the file") {
+            0 => break,
+            n => bytes += n as u64,
+        }
+    }
+    say(&format!(
+        r#"{{"event":"read","pid":{},"bytes":{bytes}}}"#,
+        std::process::id()
+    ));
+    while wait_for_line() {}
 }
 
 /// Seconds since the Unix epoch.
