@@ -4,32 +4,19 @@
 //! when the policy no longer wishes it, on `infermem revert`, and, after a `kill -9`, when it
 //! starts again.
 
-use std::{
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
 use infermem::collect::cgroup::CgroupVersion;
 use infermem_tests::{
     Talker,
+    act::{ACT_TIMEOUT, actions, in_force, journal, wait_for},
     cgroup::TestCgroup,
-    daemon::{Daemon, NOTICE_TIMEOUT, in_cgroup, serial},
-    output_of, require_root, workload_bin,
+    daemon::{Daemon, NOTICE_TIMEOUT, serial, workload_in},
+    output_of, require_root,
 };
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
-
-/// How long the agent may take to act on what it sees (a tick, an analysis, the VM's pace).
-const ACT_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A workload started inside `cgroup`.
-fn workload_in(cgroup: &TestCgroup, args: &[&str]) -> Talker {
-    let mut cmd = Command::new(workload_bin());
-    cmd.args(args);
-    in_cgroup(&mut cmd, cgroup);
-    Talker::spawn(cmd)
-}
 
 /// A policy protecting the processes of `protected` (local_llm, but no pins: the pinning
 /// test is `tests/pin.rs`) and making those of `neighbour` yield.
@@ -78,51 +65,6 @@ fn oom_score_adj(pid: u32) -> i32 {
 fn set_oom_score_adj(pid: u32, value: i32) {
     std::fs::write(format!("/proc/{pid}/oom_score_adj"), value.to_string())
         .expect("raise oom_score_adj");
-}
-
-/// `infermem actions --json`.
-fn actions(agent: &Daemon) -> Value {
-    agent.json(&["actions", "--json"])
-}
-
-/// Waits until an action whose id starts with `prefix` is in force; returns it.
-fn in_force(agent: &Daemon, prefix: &str) -> Value {
-    let deadline = Instant::now() + ACT_TIMEOUT;
-    loop {
-        let view = actions(agent);
-        let found = view["in_force"]
-            .as_array()
-            .expect("in_force is a list")
-            .iter()
-            .find(|a| a["id"].as_str().is_some_and(|id| id.starts_with(prefix)))
-            .cloned();
-        if let Some(found) = found {
-            return found;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no action {prefix}… in force within {ACT_TIMEOUT:?}: {view:#}\n{}",
-            agent.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-/// The journal's records, in order.
-fn journal(agent: &Daemon) -> Vec<Value> {
-    std::fs::read_to_string(agent.dir.join("journal.jsonl"))
-        .expect("the journal exists")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a journal line is JSON"))
-        .collect()
-}
-
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
 }
 
 /// A protected cgroup holding a steady server (its score raised to 300 first: lowering a

@@ -14,7 +14,7 @@ use infermem_tests::{
     EVENT_TIMEOUT, Talker,
     cgroup::TestCgroup,
     daemon::{
-        Daemon, NOTICE_TIMEOUT, Watch, in_cgroup, serial, start_time, workload_of, write_gguf,
+        Daemon, NOTICE_TIMEOUT, Watch, serial, start_time, workload_in, workload_of, write_gguf,
     },
     output_of, require_root, workload_bin,
 };
@@ -39,14 +39,6 @@ fn cgroup_entry<'a>(status: &'a Value, path: &str) -> Option<&'a Value> {
         .expect("status lists cgroups")
         .iter()
         .find(|c| c["path"] == path)
-}
-
-/// A workload started inside `cgroup`.
-fn workload_in(cgroup: &TestCgroup, args: &[&str]) -> Talker {
-    let mut cmd = Command::new(workload_bin());
-    cmd.args(args);
-    in_cgroup(&mut cmd, cgroup);
-    Talker::spawn(cmd)
 }
 
 /// 50 MiB/s into a 512 MiB memcg (the kernel-matrix VM has 4 GiB): the OOM kill comes ~10 s

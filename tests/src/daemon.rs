@@ -439,6 +439,14 @@ pub fn in_cgroup(cmd: &mut Command, cgroup: &TestCgroup) {
     }
 }
 
+/// A workload started inside `cgroup`.
+pub fn workload_in(cgroup: &TestCgroup, args: &[&str]) -> crate::Talker {
+    let mut cmd = Command::new(crate::workload_bin());
+    cmd.args(args);
+    in_cgroup(&mut cmd, cgroup);
+    crate::Talker::spawn(cmd)
+}
+
 /// A process's start time (clock ticks after boot): with its pid, its identity.
 pub fn start_time(pid: u32) -> u64 {
     infermem::collect::process::identity(pid)

@@ -4,6 +4,7 @@
 //! with a message saying so, because CI runs them as root and a silent skip would hide a
 //! broken probe.
 
+pub mod act;
 pub mod cgroup;
 pub mod daemon;
 pub mod llama;

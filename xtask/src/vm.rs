@@ -18,9 +18,10 @@ use anyhow::{Context as _, Result, bail, ensure};
 
 use crate::cargo::{cargo, profile_dir, run, workspace_root};
 
-/// Test targets of `infermem-tests` that need more than the guest has (Python; the host's
-/// user and group tools and databases).
-const HOST_ONLY_TESTS: &[&str] = &["llama", "daemon_users"];
+/// Test targets of `infermem-tests` that need more than the guest has: Python (`llama`,
+/// `ollama`); the host's user and group tools and databases (`daemon_users`); a filesystem
+/// whose page cache can be evicted (`pin`: the guest's files live in a ramfs).
+const HOST_ONLY_TESTS: &[&str] = &["llama", "daemon_users", "ollama", "pin"];
 /// Unit-test filters of the `infermem` library that touch the kernel or cgroupfs.
 const KERNEL_UNIT_TESTS: &[&str] = &["probes::", "collect::"];
 /// Debian packages the runner uses, by the program it needs from each.
