@@ -79,6 +79,14 @@ oom_score_adj = 0
     let unload = journalled().expect("journalled");
     assert_eq!(unload["before"], "llama3:8b, qwen3:4b", "{unload}");
     assert_eq!(unload["after"], "qwen3:4b", "{unload}");
+    // `infermem runtime` asks the same API what is loaded now.
+    let out = output_of(agent.client().args(["runtime", &pid.to_string(), "--json"]));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(answer["runtime"], "ollama", "{answer}");
+    assert_eq!(answer["endpoint"], format!("127.0.0.1:{port}"));
+    let models = answer["stats"]["models"].as_array().expect("models");
+    assert_eq!(models.len(), 1, "{answer}");
+    assert_eq!(models[0]["name"], "qwen3:4b");
     assert!(agent.stop().success());
     drop(ramp);
 }

@@ -4,6 +4,7 @@
 
 pub mod actions;
 pub mod pin;
+pub mod runtime;
 
 use std::{
     path::Path,

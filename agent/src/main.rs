@@ -102,6 +102,15 @@ enum Command {
         /// A pid, or the path of a model file.
         target: String,
     },
+    /// What a model server says through its own API: Ollama's loaded models, a llama.cpp
+    /// server's model, slots and metrics.
+    Runtime {
+        /// The server's pid.
+        pid: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Undo every action in force (the agent's, or those a crashed agent left behind).
     Revert {
         /// The config (for its journal when no agent runs).
@@ -263,6 +272,7 @@ fn main() -> ExitCode {
             commands::pin::pin(&client, &PinTarget::parse(&target), hold, json)
         }
         Command::Unpin { target } => commands::pin::unpin(&client, &PinTarget::parse(&target)),
+        Command::Runtime { pid, json } => commands::runtime::runtime(pid, json),
         Command::Revert { config } => commands::actions::revert(&client, config.as_deref()),
         Command::Doctor { json } => {
             let checks = doctor::run(&client.probes, commands::agent_probes(&client).as_ref());

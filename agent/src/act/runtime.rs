@@ -97,6 +97,20 @@ pub fn connect(
     Ok(control)
 }
 
+/// The control of whichever known runtime `pid` serves, tried in [`CONTROLS`]' order; the
+/// error says why each one did not fit.
+pub fn connect_any(pid: u32, start_time: u64) -> Result<Box<dyn RuntimeControl>, ControlError> {
+    let mut why = Vec::new();
+    for (id, _) in CONTROLS {
+        match connect(pid, start_time, id) {
+            Ok(control) => return Ok(control),
+            Err(err @ ControlError::Reused(_)) => return Err(err),
+            Err(err) => why.push(format!("{id}: {err}")),
+        }
+    }
+    Err(ControlError::NotOwned(why.join("; ")))
+}
+
 fn same_process(pid: u32, start_time: u64) -> Result<(), ControlError> {
     match crate::collect::process::identity(pid) {
         Ok(id) if id.start_time == start_time => Ok(()),
