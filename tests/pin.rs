@@ -12,8 +12,9 @@ use std::{
 use infermem::act::pin::file_resident_bytes;
 use infermem_tests::{
     Talker,
+    act::{ACT_TIMEOUT, in_force, wait_for},
     cgroup::TestCgroup,
-    daemon::{Daemon, NOTICE_TIMEOUT, in_cgroup, serial, workload_of, write_gguf},
+    daemon::{Daemon, NOTICE_TIMEOUT, in_cgroup, serial, start_time, workload_of, write_gguf},
     infermem_bin, output_of, require_root, scratch_dir, workload_bin, write_file,
 };
 
@@ -197,4 +198,47 @@ fn the_agent_keeps_a_pin_until_unpin_or_the_process_exits() {
         );
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// The policy pins a protected workload's model file (enforce mode) and unpins it when the
+/// workload exits.
+#[test]
+fn the_policy_pins_a_workloads_model_and_unpins_it_at_exit() {
+    require_root();
+    let _serial = serial();
+    let scratch = scratch_dir("pin-policy");
+    let model = scratch.join("model.gguf");
+    write_gguf(&model);
+    let mut server = workload(&["map-file", path_str(&model)], None);
+    server.expect_event("mapped");
+    let pid = server.pid();
+    let policy = format!(
+        r#"mode = "enforce"
+[[policy.workload]]
+profile = "local_llm"
+match = {{ model = ["{}"] }}
+oom_score_adj = 0
+protect = "none"
+"#,
+        path_str(&model)
+    );
+    let mut agent = Daemon::start_with_policy("pin-policy", &policy);
+    let pin = in_force(&agent, "pin:");
+    assert!(
+        pin["id"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!(":{pid}:{}", start_time(pid))),
+        "{pin}"
+    );
+    let pins = agent.json(&["actions", "--json"])["pins"].clone();
+    assert_eq!(pins[0]["path"], path_str(&model), "{pins}");
+    assert_eq!(pins[0]["holders"][0], format!("pid {pid}"), "{pins}");
+    assert!(server.finish().success());
+    wait_for(
+        "the pin released at the workload's exit",
+        ACT_TIMEOUT,
+        || agent.json(&["actions", "--json"])["pins"] == serde_json::json!([]),
+    );
+    assert!(agent.stop().success());
 }
