@@ -173,8 +173,9 @@ fn open_checked(path: &Path, expected: Option<FileId>) -> Result<(File, FileId, 
     }
 }
 
-fn map_and_lock(file: &File, path: &Path, id: FileId, len: usize) -> Result<PinnedFile, PinError> {
-    // SAFETY: a fresh shared read-only mapping of an open file; the kernel picks the address.
+/// Maps all of `file` shared and read-only; the kernel picks the address.
+fn map_shared(file: &File, len: usize) -> std::io::Result<*mut libc::c_void> {
+    // SAFETY: a fresh mapping of an open file; nothing else refers to it yet.
     let addr = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
@@ -186,11 +187,17 @@ fn map_and_lock(file: &File, path: &Path, id: FileId, len: usize) -> Result<Pinn
         )
     };
     if addr == libc::MAP_FAILED {
-        return Err(PinError::Map {
-            path: path.display().to_string(),
-            source: std::io::Error::last_os_error(),
-        });
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(addr)
     }
+}
+
+fn map_and_lock(file: &File, path: &Path, id: FileId, len: usize) -> Result<PinnedFile, PinError> {
+    let addr = map_shared(file, len).map_err(|source| PinError::Map {
+        path: path.display().to_string(),
+        source,
+    })?;
     let pinned = PinnedFile {
         path: path.to_owned(),
         id,
@@ -232,19 +239,9 @@ fn page_size() -> usize {
 /// (never reading it); None when it cannot be opened or mapped.
 pub fn file_resident_bytes(path: &Path) -> Option<(u64, u64)> {
     let (file, _, len) = open_checked(path, None).ok()?;
-    // SAFETY: a fresh shared read-only mapping, unmapped below; only mincore looks at it.
+    let addr = map_shared(&file, len).ok()?;
+    // SAFETY: the mapping just made, unmapped right after mincore looked at it.
     unsafe {
-        let addr = libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            0,
-        );
-        if addr == libc::MAP_FAILED {
-            return None;
-        }
         let bytes = resident(addr, len);
         libc::munmap(addr, len);
         Some((bytes, len as u64))
