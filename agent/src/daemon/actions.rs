@@ -175,7 +175,10 @@ pub fn wishes(agent: &Agent, policy: &PolicyConfig) -> Vec<Wish> {
     };
     let processes = candidates
         .into_iter()
-        .map(|(mut view, ranges)| {
+        .map(|(mut view, mut ranges)| {
+            if ranges.len() < view.model_paths.len() {
+                ranges = ranges_from_maps(&view);
+            }
             view.models = identify_models(&view, &ranges);
             view
         })
@@ -302,6 +305,28 @@ fn model_ranges(p: &TrackedProcess, paths: &[String]) -> Vec<ModelRange> {
                     .is_some_and(|mp| mp.as_os_str() == path.as_str())
             })?;
             Some((path.clone(), m.start, m.end))
+        })
+        .collect()
+}
+
+/// The mappings of a process's model files read from `/proc/<pid>/maps`, for those the
+/// registry's mappings do not name (a mapping the probes saw has no path until the maps are
+/// read again).
+fn ranges_from_maps(view: &ProcessView) -> Vec<ModelRange> {
+    let Some(pid) = view.process.as_ref().map(|p| p.pid) else {
+        return Vec::new();
+    };
+    let vmas = crate::collect::maps::vmas(pid, false).unwrap_or_default();
+    crate::collect::maps::mapped_files(&vmas, 0)
+        .into_iter()
+        .filter(|f| {
+            view.model_paths
+                .iter()
+                .any(|p| f.path.as_os_str() == p.as_str())
+        })
+        .filter_map(|f| {
+            let (start, end) = *f.ranges.first()?;
+            Some((f.path.display().to_string(), start, end))
         })
         .collect()
 }
