@@ -112,6 +112,7 @@ pub fn run(
     config: Option<&Path>,
     socket: Option<&Path>,
     overrides: lifecycle::PolicyOverrides,
+    prometheus: Option<std::net::SocketAddr>,
 ) -> ExitCode {
     let mut options = match lifecycle::RunOptions::load(config, overrides) {
         Ok(options) => options,
@@ -122,6 +123,9 @@ pub fn run(
     };
     if let Some(socket) = socket {
         options.socket = socket.to_owned();
+    }
+    if prometheus.is_some() {
+        options.export.prometheus = prometheus;
     }
     match lifecycle::run(options) {
         Ok(()) => ExitCode::SUCCESS,

@@ -30,6 +30,8 @@ pub struct AgentConfig {
     pub policy: crate::policy::PolicyConfig,
     /// `[hooks]`: alert commands and webhooks.
     pub hooks: crate::act::hooks::HooksConfig,
+    /// `[export]`: the Prometheus endpoint and OpenTelemetry (`docs/metrics.md`).
+    pub export: crate::export::ExportConfig,
 }
 
 /// `[api]`: the local socket and who may see what.

@@ -3,6 +3,7 @@
 //! Modules, one concern each:
 //! - [`policy`]: which processes to protect and how, by profile and mode;
 //! - [`act`]: applying, journalling and reverting the policy's actions; alert hooks;
+//! - [`export`]: OpenTelemetry (OTLP) and Prometheus export of the same view;
 //! - [`api`]: the local API's messages and the service behind it;
 //! - [`probes`]: the eBPF probes (load, attach, read maps and events);
 //! - [`collect`]: what procfs and cgroupfs say about a process;
@@ -22,6 +23,7 @@ pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod doctor;
+pub mod export;
 pub mod inspect;
 pub mod model;
 pub mod policy;

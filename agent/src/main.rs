@@ -45,6 +45,10 @@ enum Command {
         /// A policy file replacing the config's [policy] section (docs/policy.md).
         #[arg(long, value_name = "FILE")]
         policy: Option<PathBuf>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464); overrides
+        /// `[export] prometheus`.
+        #[arg(long, value_name = "ADDR")]
+        prometheus: Option<std::net::SocketAddr>,
     },
     /// List the AI workloads: runtime, model, weights resident, KV cache, risk.
     Ps {
@@ -250,10 +254,12 @@ fn main() -> ExitCode {
             config,
             mode,
             policy,
+            prometheus,
         } => commands::run(
             config.as_deref(),
             cli.socket.as_deref(),
             PolicyOverrides { mode, file: policy },
+            prometheus,
         ),
         Command::Ps { json } => commands::ps(&client, json),
         Command::Status { json } => commands::status(&client, json),

@@ -131,6 +131,17 @@ fn memory_cgroup_of(pid: u32, version: CgroupVersion) -> Result<Option<String>, 
     }))
 }
 
+/// The container id a cgroup path names: the last 64-hex-digit id in it, as docker
+/// (`/docker/<id>`, `docker-<id>.scope`), containerd (`cri-containerd-<id>.scope`), CRI-O
+/// (`crio-<id>.scope`) and podman (`libpod-<id>.scope`) name their cgroups.
+pub fn container_id(path: &str) -> Option<&str> {
+    path.rsplit('/').find_map(|component| {
+        let name = component.strip_suffix(".scope").unwrap_or(component);
+        let id = name.rsplit(['-', ':']).next()?;
+        (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
+    })
+}
+
 /// Reads the limit files of the cgroup at `path` below the hierarchy mounted at `mount`.
 pub fn read_memory_cgroup(version: CgroupVersion, mount: &Path, path: &str) -> MemoryCgroup {
     let dir = mount.join(path.trim_start_matches('/'));
@@ -382,5 +393,26 @@ mod event_tests {
                     .join("memory.pressure")
                     .exists()
         );
+    }
+
+    #[test]
+    fn container_ids_come_from_the_runtimes_cgroup_names() {
+        let id = "4f1c3b6a8e2d4c0b9a7f5e3d1c2b4a6f8e0d2c4b6a8f0e2d4c6b8a0f2e4d6c8b";
+        let paths = [
+            format!("/docker/{id}"),
+            format!("/system.slice/docker-{id}.scope"),
+            format!("/kubepods.slice/kubepods-burstable.slice/cri-containerd-{id}.scope"),
+            format!("/kubepods/burstable/pod1/crio-{id}.scope"),
+            format!("/machine.slice/libpod-{id}.scope/container"),
+        ];
+        for path in &paths {
+            assert_eq!(container_id(path), Some(id), "{path}");
+        }
+        assert_eq!(
+            container_id("/user.slice/user-1000.slice/session-2.scope"),
+            None
+        );
+        assert_eq!(container_id("/"), None);
+        assert_eq!(container_id(&format!("/docker/{}", &id[1..])), None);
     }
 }

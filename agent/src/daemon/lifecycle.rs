@@ -39,6 +39,8 @@ pub struct RunOptions {
     pub socket_gid: Option<u32>,
     /// Group whose members see every process.
     pub admin_gid: Option<u32>,
+    /// The Prometheus endpoint and OTLP (restart-only).
+    pub export: crate::export::ExportConfig,
     /// Re-reads the config for SIGHUP: the new settings, or why they were refused.
     pub reload: Box<dyn Fn() -> Result<Settings, String> + Send + Sync>,
 }
@@ -82,6 +84,7 @@ impl RunOptions {
             socket_mode: config.api.socket_mode.0,
             socket_gid,
             admin_gid,
+            export: config.export.clone(),
             reload: Box::new(move || {
                 let path = explicit.then_some(source.as_path());
                 let (mut config, _) = config::load(path).map_err(|e| e.to_string())?;

@@ -44,6 +44,11 @@ impl History {
         }
     }
 
+    /// The latest value.
+    pub fn last(&self) -> Option<f64> {
+        self.0.back().map(|s| s.value)
+    }
+
     /// The points, oldest first.
     pub fn to_vec(&self) -> Vec<Sample> {
         self.0.iter().copied().collect()
@@ -73,6 +78,14 @@ impl Rollup {
         resident.abs_diff(self.resident) < ROLLUP_SLACK_BYTES
             && now.duration_since(self.at) < ROLLUP_REUSE
     }
+}
+
+/// A process's virtual size (`statm`) and page faults since it started (`stat`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VmCounters {
+    pub virtual_bytes: u64,
+    pub minor_faults: u64,
+    pub major_faults: u64,
 }
 
 /// What the model analysis concluded about a process, and when it must run again.
@@ -106,6 +119,8 @@ pub struct TrackedProcess {
     pub usage_at: Option<Instant>,
     /// The last `smaps_rollup` read, reused while the process's resident size stays put.
     pub rollup: Option<Rollup>,
+    /// Virtual size and fault counters at the last read.
+    pub vm: Option<VmCounters>,
     /// `/proc/<pid>/oom_score` and `oom_score_adj` at the last read.
     pub oom_score: Option<(u32, i32)>,
     /// RSS + swap over time (model processes and watched ones).
@@ -132,6 +147,7 @@ impl TrackedProcess {
             usage: None,
             usage_at: None,
             rollup: None,
+            vm: None,
             oom_score: None,
             rss: History::default(),
             model_faults: History::default(),
@@ -245,6 +261,8 @@ pub struct Registry {
     pub cgroups: HashMap<String, TrackedCgroup>,
     pub host: TrackedHost,
     pub oom_kills: VecDeque<OomKillRecord>,
+    /// OOM kills seen since the agent started (`oom_kills` keeps the latest only).
+    pub oom_kills_seen: u64,
     /// Events read from the probes, and records that could not be decoded.
     pub events: u64,
     pub undecodable: u64,
@@ -337,6 +355,7 @@ impl Registry {
             self.oom_kills.pop_front();
         }
         self.oom_kills.push_back(kill);
+        self.oom_kills_seen += 1;
     }
 }
 

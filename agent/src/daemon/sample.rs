@@ -21,7 +21,7 @@ use crate::{
 
 use super::{
     Agent,
-    registry::{ProcessKey, Rollup, TrackedCgroup, TrackedProcess, push_sample},
+    registry::{ProcessKey, Rollup, TrackedCgroup, TrackedProcess, VmCounters, push_sample},
 };
 
 /// Most processes whose maps are re-read per tick (the rest wait for the next).
@@ -174,7 +174,8 @@ fn sample_processes(agent: &Agent, t: f64) {
 /// them with its fault count.
 fn read_process_memory(agent: &Agent, key: ProcessKey, faults: Option<u64>, t: f64, now: Instant) {
     let previous = agent.lock().process(key).and_then(|p| p.rollup);
-    let resident = statm_resident(key.pid);
+    let vm = vm_counters(key);
+    let resident = vm.map(|(_, resident)| resident);
     let reused = previous.filter(|r| resident.is_some_and(|res| r.still_valid(res, now)));
     let usage = match reused {
         Some(rollup) => Some(rollup.usage),
@@ -203,6 +204,7 @@ fn read_process_memory(agent: &Agent, key: ProcessKey, faults: Option<u64>, t: f
             }));
         }
     }
+    tracked.vm = vm.map(|(vm, _)| vm).or(tracked.vm);
     tracked.oom_score = oom.or(tracked.oom_score);
     tracked.memcg = memcg.or(tracked.memcg.take());
     if let Some(faults) = faults {
@@ -210,11 +212,21 @@ fn read_process_memory(agent: &Agent, key: ProcessKey, faults: Option<u64>, t: f
     }
 }
 
-/// Resident bytes from `/proc/<pid>/statm`: the kernel's counters, read without walking page
-/// tables or taking the mmap lock.
-fn statm_resident(pid: u32) -> Option<u64> {
-    let pages = open(pid).ok()?.statm().ok()?.resident;
-    Some(pages * crate::probes::events::page_size())
+/// The virtual size and fault counters of a process (`statm`, `stat`), with its resident
+/// bytes: the kernel's counters, read without walking page tables or taking the mmap lock.
+/// None when it is gone or its pid names another process now.
+fn vm_counters(key: ProcessKey) -> Option<(VmCounters, u64)> {
+    let process = open(key.pid).ok()?;
+    let statm = process.statm().ok()?;
+    let stat = process.stat().ok()?;
+    (stat.starttime == key.start_time).then_some(())?;
+    let page = crate::probes::events::page_size();
+    let vm = VmCounters {
+        virtual_bytes: statm.size * page,
+        minor_faults: stat.minflt,
+        major_faults: stat.majflt,
+    };
+    Some((vm, statm.resident * page))
 }
 
 /// The address ranges of a process's model files (for fault counts), empty for others.

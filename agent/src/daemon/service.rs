@@ -199,7 +199,35 @@ fn workload(p: &TrackedProcess) -> proto::Workload {
         predicted_peak_bytes: prediction.and_then(|pr| pr.peak_ram_bytes),
         cgroup: p.memcg.clone().unwrap_or_default(),
         risk: Some(assessment(&p.assessment)),
+        virtual_bytes: p.vm.map_or(0, |vm| vm.virtual_bytes),
+        anon_bytes: p.usage.map_or(0, |u| u.anon),
+        swap_bytes: p.usage.map_or(0, |u| u.swap),
+        minor_faults: p.vm.map_or(0, |vm| vm.minor_faults),
+        major_faults: p.vm.map_or(0, |vm| vm.major_faults),
+        model_file_faults: p.model_faults.last().map(|f| f as u64),
+        executable: executable_name(&p.state.identity),
+        container_id: p
+            .memcg
+            .as_deref()
+            .and_then(crate::collect::cgroup::container_id)
+            .unwrap_or_default()
+            .to_owned(),
+        command_line: crate::model::redact::cmdline(&p.state.identity.cmdline).join(" "),
+        model_file_bytes: report.files.iter().map(|f| f.file.size_bytes).sum(),
     }
+}
+
+/// The base name of a process's executable, or its comm when `/proc/<pid>/exe` was not
+/// readable.
+fn executable_name(identity: &crate::collect::process::ProcessIdentity) -> String {
+    identity
+        .exe
+        .as_deref()
+        .and_then(|exe| exe.file_name())
+        .map_or_else(
+            || identity.comm.clone(),
+            |name| name.to_string_lossy().into_owned(),
+        )
 }
 
 fn daemon_info(agent: &Agent, registry: &Registry) -> proto::DaemonInfo {
@@ -231,6 +259,7 @@ fn daemon_info(agent: &Agent, registry: &Registry) -> proto::DaemonInfo {
         }
         .to_owned(),
         probes_unavailable: unavailable,
+        oom_kills_seen: registry.oom_kills_seen,
     }
 }
 
