@@ -47,6 +47,8 @@ pub struct Daemon {
     log: PathBuf,
     /// How many agents were started here (each gets its own log).
     starts: u32,
+    /// Variables added to the agent's environment.
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -67,7 +69,23 @@ impl Daemon {
         Daemon::start_configured(name, "", policy)
     }
 
+    /// Starts an agent whose config ends with `sections` (e.g. an `[export]` table) and
+    /// whose environment has `env` added (e.g. `OTEL_*`), and waits until it answers.
+    pub fn start_with_sections(name: &str, sections: &str, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_full(name, "", "", sections, env)
+    }
+
     fn start_configured(name: &str, api_extra: &str, policy: &str) -> Daemon {
+        Daemon::start_full(name, api_extra, policy, "", &[])
+    }
+
+    fn start_full(
+        name: &str,
+        api_extra: &str,
+        policy: &str,
+        sections: &str,
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let dir = scratch_dir(name);
         // Other users' clients must reach the socket through this directory.
         std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
@@ -82,7 +100,8 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "[api]\nsocket = \"{}\"\n{api_extra}\n[policy]\njournal = \"{}\"\n{policy}\n",
+                "[api]\nsocket = \"{}\"\n{api_extra}\n[policy]\njournal = \"{}\"\n{policy}\n\
+                 {sections}\n",
                 socket.to_str().expect("a UTF-8 path"),
                 dir.join("journal.jsonl").to_str().expect("a UTF-8 path"),
             ),
@@ -95,6 +114,10 @@ impl Daemon {
             child: None,
             log: PathBuf::new(),
             starts: 0,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         };
         daemon.spawn();
         daemon.wait_ready();
@@ -120,6 +143,7 @@ impl Daemon {
             .arg("--config")
             .arg(&self.config)
             .env("INFERMEM_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().expect("dup log")))
             .stderr(Stdio::from(log))

@@ -8,6 +8,7 @@ pub mod act;
 pub mod cgroup;
 pub mod daemon;
 pub mod llama;
+pub mod otlp;
 
 use std::{
     io::{BufRead, BufReader, Write},

@@ -119,6 +119,12 @@ pub struct AlertEvent {
     pub body: Value,
 }
 
+/// Something that sees every alert as it is fired, whatever the hooks' kinds, debounce and
+/// sinks (the OTLP export turns them into log records). It must not block.
+pub trait AlertTap: Send + Sync {
+    fn alert(&self, event: &AlertEvent);
+}
+
 /// What became of the events fired so far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub struct HookStats {
@@ -144,6 +150,7 @@ struct Counters {
 /// The alert hooks: a queue, and the worker that delivers what it holds.
 pub struct Hooks {
     events: Vec<String>,
+    tap: Option<Arc<dyn AlertTap>>,
     counters: Arc<Counters>,
     stop: Arc<Stop>,
     worker: Option<Worker>,
@@ -178,15 +185,25 @@ impl Hooks {
         };
         Hooks {
             events,
+            tap: None,
             counters,
             stop,
             worker,
         }
     }
 
-    /// Queues an event for delivery, unless its kind is not wanted. Never blocks: when the
-    /// queue is full the event is dropped and counted.
+    /// The same hooks, with `tap` seeing every event fired.
+    pub fn with_tap(mut self, tap: Option<Arc<dyn AlertTap>>) -> Hooks {
+        self.tap = tap;
+        self
+    }
+
+    /// Shows the event to the tap, then queues it for delivery, unless its kind is not
+    /// wanted. Never blocks: when the queue is full the event is dropped and counted.
     pub fn fire(&self, event: AlertEvent) {
+        if let Some(tap) = &self.tap {
+            tap.alert(&event);
+        }
         let Some(worker) = &self.worker else {
             return;
         };

@@ -18,7 +18,7 @@ use crate::{
     act::{
         Action, ProcessRef, Wish,
         engine::{ActionsView, Engine, EngineOptions},
-        hooks::{AlertEvent, Hooks, HooksConfig},
+        hooks::{AlertEvent, AlertTap, Hooks, HooksConfig},
     },
     policy::{
         PolicyConfig,
@@ -112,6 +112,8 @@ fn work(mut engine: Engine, inbox: mpsc::Receiver<Message>, view: &RwLock<Action
 pub struct Stage {
     pub actions: Option<ActionsHandle>,
     pub hooks: Option<Arc<Hooks>>,
+    /// What sees every alert besides the hooks (the OTLP log export), kept across reloads.
+    pub tap: Option<Arc<dyn AlertTap>>,
     alerts: Alerts,
 }
 
@@ -120,7 +122,7 @@ impl Stage {
     /// config changed) to the stage and the engine.
     pub fn reconfigure(&mut self, policy: &PolicyConfig, hooks: Option<HooksConfig>) {
         if let Some(config) = hooks {
-            let hooks = Arc::new(Hooks::start(config));
+            let hooks = Arc::new(Hooks::start(config).with_tap(self.tap.clone()));
             self.hooks = Some(Arc::clone(&hooks));
             if let Some(actions) = &self.actions {
                 let _ = actions.send(Command::Hooks(hooks));

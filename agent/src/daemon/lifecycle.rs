@@ -14,6 +14,11 @@ use crate::{
     act::{apply::Target, engine::Engine, hooks::Hooks, pin::Pinner, safety::Guard},
     api::server::{self, ServerOptions},
     config::{self, AgentConfig},
+    export::{
+        AgentSource, ExportConfig, Source,
+        otlp::{self, Otlp},
+        prometheus,
+    },
     policy::{self, PolicyConfig, PolicyMode},
     probes::ProbeOptions,
 };
@@ -119,7 +124,15 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
     if let Some(reason) = agent.ebpf_reason() {
         tracing::warn!("eBPF is off ({reason}): running on procfs and cgroupfs alone");
     }
-    agent.act().hooks = Some(Arc::new(Hooks::start(options.settings.hooks.clone())));
+    let source: Arc<dyn Source> = Arc::new(AgentSource {
+        agent: Arc::clone(&agent),
+        command_line: options.export.command_line,
+    });
+    let otlp = start_otlp(&options.export, &source)?;
+    let tap = otlp.as_ref().map(Otlp::alert_tap);
+    agent.act().tap = tap.clone();
+    let hooks = Hooks::start(options.settings.hooks.clone()).with_tap(tap);
+    agent.act().hooks = Some(Arc::new(hooks));
     let actions_thread = start_actions(&agent, &options.settings.policy)?;
     agent.seed_all();
     // Loading the probes parsed the kernel's BTF (tens of MiB, freed since): give the freed
@@ -134,7 +147,7 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let served = runtime.block_on(serve(&agent, &options));
+    let served = runtime.block_on(serve(&agent, &options, source));
     agent.request_stop();
     for thread in threads {
         let _ = thread.join();
@@ -144,7 +157,19 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
     if let Some(thread) = actions_thread {
         let _ = thread.join();
     }
+    // A last export, then the exporter's threads end.
+    drop(otlp);
     served
+}
+
+/// Starts the OTLP exporter when the config or the `OTEL_*` variables ask for it.
+fn start_otlp(export: &ExportConfig, source: &Arc<dyn Source>) -> anyhow::Result<Option<Otlp>> {
+    if !otlp::wanted(&export.otlp) {
+        return Ok(None);
+    }
+    let otlp = Otlp::start(&export.otlp, Arc::clone(source)).map_err(anyhow::Error::msg)?;
+    tracing::info!("exporting OpenTelemetry over OTLP");
+    Ok(Some(otlp))
 }
 
 /// Opens the journal, reverts what an earlier run left in force, and starts the actions
@@ -176,10 +201,21 @@ fn start_actions(
     Ok(Some(thread))
 }
 
-async fn serve(agent: &Arc<Agent>, options: &RunOptions) -> anyhow::Result<()> {
+async fn serve(
+    agent: &Arc<Agent>,
+    options: &RunOptions,
+    source: Arc<dyn Source>,
+) -> anyhow::Result<()> {
     let listener = server::bind(&options.socket, options.socket_gid, options.socket_mode)?;
     tracing::info!(socket = %options.socket.display(), "serving the local API");
     let (shutdown, stopped) = tokio::sync::watch::channel(false);
+    if let Some(address) = options.export.prometheus {
+        let metrics = prometheus::bind(address)
+            .await
+            .map_err(|e| anyhow::anyhow!("the Prometheus endpoint {address}: {e}"))?;
+        tracing::info!(%address, "serving Prometheus metrics at /metrics");
+        tokio::spawn(prometheus::serve(metrics, source, stopped.clone()));
+    }
     let service = Arc::new(AgentService(Arc::clone(agent)));
     let server_options = ServerOptions {
         admin_gid: options.admin_gid,

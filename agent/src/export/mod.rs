@@ -4,11 +4,58 @@
 //! API gives (`ps`, `status`) to a caller who sees everything, so the two exports and the
 //! CLI never disagree. The names, units and attributes are documented in `docs/metrics.md`.
 
-use std::{collections::BTreeMap, net::SocketAddr};
+pub mod catalogue;
+pub mod otlp;
+pub mod prometheus;
+
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
 
 use serde::Deserialize;
 
-use crate::config::Interval;
+use crate::{
+    api::{Peer, Service as _},
+    config::Interval,
+    daemon::{Agent, service::AgentService},
+};
+
+pub use catalogue::View;
+
+/// What the exporters read: the agent's view of the moment.
+pub trait Source: std::fmt::Debug + Send + Sync + 'static {
+    fn view(&self) -> View;
+}
+
+/// A running agent as a source: its `ps` and `status` answers to a caller who sees
+/// everything, and the number of actions in force.
+pub struct AgentSource {
+    pub agent: Arc<Agent>,
+    pub command_line: bool,
+}
+
+impl std::fmt::Debug for AgentSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentSource").finish_non_exhaustive()
+    }
+}
+
+impl Source for AgentSource {
+    fn view(&self) -> View {
+        let service = AgentService(Arc::clone(&self.agent));
+        let everything = Peer::local();
+        let actions_in_force = self
+            .agent
+            .act()
+            .actions
+            .as_ref()
+            .map(|actions| actions.view().in_force.len() as u64);
+        View {
+            ps: service.ps(&everything),
+            status: service.status(&everything),
+            actions_in_force,
+            command_line: self.command_line,
+        }
+    }
+}
 
 /// `[export]`: the Prometheus endpoint and the OTLP exporter.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
@@ -55,3 +102,6 @@ pub enum OtlpProtocol {
     #[serde(rename = "http/protobuf")]
     HttpProtobuf,
 }
+
+#[cfg(test)]
+mod tests;
