@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod daemon;
 pub mod llama;
 pub mod otlp;
+pub mod prometheus;
 
 use std::{
     io::{BufRead, BufReader, Write},

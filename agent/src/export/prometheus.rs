@@ -1,5 +1,7 @@
-//! The Prometheus endpoint: `GET /metrics` on the configured address answers the catalogue in
-//! the OpenMetrics text format (prometheus-client's encoder), read at scrape time. Names are
+//! The Prometheus endpoint: `GET /metrics` on the configured address answers the catalogue,
+//! read at scrape time, in the OpenMetrics text format (prometheus-client's encoder) when the
+//! scraper asks for it, as Prometheus does, and otherwise in the classic text format 0.0.4
+//! that `promtool check metrics`, older scrapers and people with curl read. Names are
 //! the OpenTelemetry names with dots turned to underscores, the unit and `_total` appended,
 //! behind `infermem_` (docs/metrics.md).
 //!
@@ -36,7 +38,9 @@ const MAX_CONNECTIONS: usize = 16;
 /// How long a client has to send its request headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// The content type of the OpenMetrics text format.
-const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The content type of the classic text format.
+const TEXT_004: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// The catalogue as a prometheus-client collector.
 #[derive(Debug)]
@@ -152,30 +156,72 @@ async fn answer(
     request: Request<Incoming>,
     source: Arc<dyn Source>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let plain = "text/plain; charset=utf-8";
     let reply = match (request.method(), request.uri().path()) {
-        (&Method::GET | &Method::HEAD, "/metrics") => match render(source) {
-            Ok(text) => respond(StatusCode::OK, CONTENT_TYPE, text),
-            Err(_) => respond(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "text/plain",
-                "encoding failed\n".into(),
-            ),
-        },
+        (&Method::GET | &Method::HEAD, "/metrics") => metrics(&request, source),
         (&Method::GET | &Method::HEAD, "/") => respond(
             StatusCode::OK,
-            "text/plain; charset=utf-8",
+            plain,
             "infermem: metrics at /metrics\n".into(),
         ),
         (&Method::GET | &Method::HEAD, _) => {
-            respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into())
+            respond(StatusCode::NOT_FOUND, plain, "not found\n".into())
         }
-        _ => respond(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "only GET\n".into(),
-        ),
+        _ => respond(StatusCode::METHOD_NOT_ALLOWED, plain, "only GET\n".into()),
     };
     Ok(reply)
+}
+
+/// The exposition in the format the scraper accepts.
+fn metrics(request: &Request<Incoming>, source: Arc<dyn Source>) -> Response<Full<Bytes>> {
+    let wants_openmetrics = request
+        .headers()
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    match render(source) {
+        Ok(text) if wants_openmetrics => respond(StatusCode::OK, OPENMETRICS, text),
+        Ok(text) => respond(StatusCode::OK, TEXT_004, to_text_format(&text)),
+        Err(_) => respond(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain; charset=utf-8",
+            "encoding failed\n".into(),
+        ),
+    }
+}
+
+/// The classic text format (0.0.4) of an OpenMetrics exposition: a counter family is named
+/// after its samples (`x_total`, not `x`), and the `# UNIT` and `# EOF` lines go. The help
+/// texts of the catalogue hold no `"` or `\`, whose escaping differs between the two.
+pub fn to_text_format(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut text = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let descriptor = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| Some((p, line.strip_prefix(p)?)));
+        match descriptor {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let suffix = if counters.contains(name) {
+                    "_total"
+                } else {
+                    ""
+                };
+                text.push_str(&format!("{prefix}{name}{suffix} {tail}"));
+            }
+            None => text.push_str(line),
+        }
+        text.push('\n');
+    }
+    text
 }
 
 fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {

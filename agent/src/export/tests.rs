@@ -194,3 +194,27 @@ fn prometheus_renders_openmetrics_with_infermem_names() {
     );
     assert!(text.ends_with("# EOF\n"), "{text}");
 }
+
+#[test]
+fn the_classic_text_format_names_counters_after_their_samples() {
+    let open = prometheus::render(Arc::new(Fixed(view(false)))).unwrap();
+    let text = prometheus::to_text_format(&open);
+    assert!(
+        text.contains("# TYPE infermem_process_paging_faults_total counter\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# HELP infermem_process_paging_faults_total Page faults"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE infermem_process_memory_usage_bytes gauge\n"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("# UNIT") && !text.contains("# EOF"),
+        "{text}"
+    );
+    let samples = |t: &str| t.lines().filter(|l| !l.starts_with('#')).count();
+    assert_eq!(samples(&text), samples(&open));
+}
