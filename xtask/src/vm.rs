@@ -20,8 +20,9 @@ use crate::cargo::{cargo, profile_dir, run, workspace_root};
 
 /// Test targets of `infermem-tests` that need more than the guest has: Python (`llama`,
 /// `ollama`); the host's user and group tools and databases (`daemon_users`); a filesystem
-/// whose page cache can be evicted (`pin`: the guest's files live in a ramfs).
-const HOST_ONLY_TESTS: &[&str] = &["llama", "daemon_users", "ollama", "pin"];
+/// whose page cache can be evicted (`pin`: the guest's files live in a ramfs); a terminal
+/// multiplexer (`top`, driven in tmux).
+const HOST_ONLY_TESTS: &[&str] = &["llama", "daemon_users", "ollama", "pin", "top"];
 /// Unit-test filters of the `infermem` library that touch the kernel or cgroupfs.
 const KERNEL_UNIT_TESTS: &[&str] = &["probes::", "collect::"];
 /// Debian packages the runner uses, by the program it needs from each.
@@ -29,11 +30,13 @@ const TOOLS: &[(&str, &str)] = &[
     ("/usr/bin/qemu-system-x86_64", "qemu-system-x86"),
     ("/bin/busybox", "busybox-static"),
     ("/usr/bin/cpio", "cpio"),
+    ("/usr/bin/prometheus", "prometheus"),
 ];
 /// Where the build's binaries lie in the guest (the tests find their siblings from there).
 const GUEST_PROFILE: &str = "/t/release";
-/// Host programs the tests run that busybox does not provide as the tests expect.
-const HOST_PROGRAMS: &[&str] = &["/usr/bin/setpriv"];
+/// Host programs the tests run that busybox does not provide as the tests expect (the
+/// `prometheus` test scrapes the agent with a real Prometheus and checks with promtool).
+const HOST_PROGRAMS: &[&str] = &["/usr/bin/setpriv", "/usr/bin/prometheus", "/usr/bin/promtool"];
 
 /// Which memory cgroup interface the guest mounts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
