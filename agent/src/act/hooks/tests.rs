@@ -686,3 +686,44 @@ fn the_config_check_rejects_what_cannot_work() {
     );
     rejects(&|c| c.retries = 11, "at most 10");
 }
+
+/// Keeps the keys of the events it sees.
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<Vec<String>>);
+
+impl AlertTap for Recorder {
+    fn alert(&self, event: &AlertEvent) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("{}:{}", event.kind, event.key));
+    }
+}
+
+#[test]
+fn the_tap_sees_every_event_without_sinks_filters_or_debounce() {
+    let recorder = Arc::new(Recorder::default());
+    let config = HooksConfig {
+        events: vec!["oom_kill".into()],
+        ..HooksConfig::default()
+    };
+    let tap: Arc<dyn AlertTap> = Arc::clone(&recorder) as Arc<dyn AlertTap>;
+    let hooks = Hooks::start(config).with_tap(Some(tap));
+    for _ in 0..2 {
+        hooks.fire(event("critical", "host"));
+    }
+    hooks.fire(event("action", "cgroup:/srv:memory.low"));
+    assert_eq!(
+        *recorder.0.lock().unwrap(),
+        [
+            "critical:host",
+            "critical:host",
+            "action:cgroup:/srv:memory.low"
+        ]
+    );
+    assert_eq!(
+        hooks.stats(),
+        HookStats::default(),
+        "no sink: nothing delivered"
+    );
+}
