@@ -14,7 +14,7 @@ use infermem_tests::{
     Talker,
     cgroup::TestCgroup,
     daemon::{Daemon, NOTICE_TIMEOUT, serial, workload_in, workload_of, write_gguf},
-    otlp::{ReceivedPoint, Receiver},
+    otlp::{ReceivedPoint, Receiver, TEST_HEADER},
     require_root,
 };
 
@@ -154,6 +154,7 @@ fn otlp_over_grpc_carries_the_catalogue_and_the_alerts() {
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint),
             ("OTEL_METRIC_EXPORT_INTERVAL", "1000"),
             ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment.name=ci"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "x-infermem-test=from-env"),
         ],
     );
     let cgroup = TestCgroup::create("infermem-export-grpc", 256 * MIB);
@@ -182,6 +183,11 @@ fn otlp_over_grpc_carries_the_catalogue_and_the_alerts() {
         .find(|p| p.metric == "system.memory.limit");
     assert_eq!(limit.expect("arrived").value, mem_total());
     assert_resource(&points[0], ("deployment.environment.name", "ci"));
+    assert!(receiver.test_headers().iter().all(|h| h == "from-env"));
+    assert!(
+        !receiver.test_headers().is_empty(),
+        "the headers' metadata arrives"
+    );
 
     // A ramp in the same cgroup heads for its limit and is OOM-killed: both are log records.
     let mut ramp = workload_in(&cgroup, &["ramp", "25", "400"]);
@@ -231,7 +237,8 @@ fn otlp_over_http_protobuf_from_the_config() {
     let receiver = Receiver::http();
     let sections = format!(
         "[export.otlp]\nendpoint = \"{}\"\nprotocol = \"http/protobuf\"\ninterval = \"1s\"\n\
-         resource = {{ \"infermem.site\" = \"lab\" }}\n",
+         resource = {{ \"infermem.site\" = \"lab\" }}\n\
+         headers = {{ \"{TEST_HEADER}\" = \"from-config\" }}\n",
         receiver.endpoint
     );
     let agent = Daemon::start_with_sections("infermem-export-http", &sections, &[]);
@@ -250,5 +257,10 @@ fn otlp_over_http_protobuf_from_the_config() {
         "the command line is opt-in: {usage:?}"
     );
     assert_resource(&usage, ("infermem.site", "lab"));
+    let headers = receiver.test_headers();
+    assert!(
+        !headers.is_empty() && headers.iter().all(|h| h == "from-config"),
+        "{headers:?}"
+    );
     drop((workload, agent));
 }

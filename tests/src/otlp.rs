@@ -58,7 +58,12 @@ struct Store {
     logs: Vec<ReceivedLog>,
     /// Export requests received (metrics, logs).
     requests: (u32, u32),
+    /// The values of the `x-infermem-test` header (HTTP) or metadata (gRPC) that arrived.
+    test_headers: Vec<String>,
 }
+
+/// The header the tests set through the config or `OTEL_EXPORTER_OTLP_HEADERS`.
+pub const TEST_HEADER: &str = "x-infermem-test";
 
 /// A receiver on a loopback port, serving until dropped.
 pub struct Receiver {
@@ -124,6 +129,11 @@ impl Receiver {
         self.store.lock().unwrap().logs.clone()
     }
 
+    /// The values of [`TEST_HEADER`] received so far.
+    pub fn test_headers(&self) -> Vec<String> {
+        self.store.lock().unwrap().test_headers.clone()
+    }
+
     /// Export requests received so far: (metrics, logs).
     pub fn requests(&self) -> (u32, u32) {
         self.store.lock().unwrap().requests
@@ -161,6 +171,8 @@ impl MetricsService for Collector {
         &self,
         request: tonic::Request<ExportMetricsServiceRequest>,
     ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        let header = request.metadata().get(TEST_HEADER);
+        record_header(&self.0, header.and_then(|v| v.to_str().ok()));
         store_metrics(&self.0, request.into_inner());
         Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
     }
@@ -194,6 +206,8 @@ async fn answer_http(
     store: Arc<Mutex<Store>>,
 ) -> Result<Response<Full<Bytes>>, hyper::Error> {
     let path = request.uri().path().to_owned();
+    let header = request.headers().get(TEST_HEADER);
+    record_header(&store, header.and_then(|v| v.to_str().ok()));
     let body = request.into_body().collect().await?.to_bytes();
     let status = match path.as_str() {
         "/v1/metrics" => match ExportMetricsServiceRequest::decode(body) {
@@ -215,6 +229,12 @@ async fn answer_http(
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = status;
     Ok(response)
+}
+
+fn record_header(store: &Mutex<Store>, value: Option<&str>) {
+    if let Some(value) = value {
+        store.lock().unwrap().test_headers.push(value.to_owned());
+    }
 }
 
 fn store_metrics(store: &Mutex<Store>, request: ExportMetricsServiceRequest) {
