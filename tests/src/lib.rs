@@ -7,6 +7,7 @@
 pub mod act;
 pub mod cgroup;
 pub mod daemon;
+pub mod dashboard;
 pub mod llama;
 pub mod otlp;
 pub mod prometheus;
