@@ -2,6 +2,7 @@
 
 mod bench;
 mod cargo;
+mod dashboards;
 mod fuzz;
 mod python;
 mod vm;
@@ -23,6 +24,9 @@ tasks:
                             that memory cgroup version (default v2); `debian12` downloads Debian
                             12's current kernel package (cached in ~/.cache/infermem/kernels);
                             installs qemu-system-x86, busybox-static and cpio if missing
+  check-dashboards          promtool check/test of dashboards/alerts.yml, the Grafana dashboard's
+                            panels and targets, deploy/otel-collector.yaml against its JSON schema
+                            (check-jsonschema, pinned, in a venv under target/); needs promtool
   fuzz [--seconds N]        run the model file parsers' fuzz targets (cargo-fuzz, nightly) for
                             N seconds each (default 60) from the seeds in agent/fuzz/seeds
   bench predictor [--quick] [--hold SECONDS]
@@ -80,6 +84,7 @@ fn main() -> Result<()> {
                 .collect::<Vec<_>>();
             cargo::test(&forwarded)
         }
+        "check-dashboards" => dashboards::check(),
         "fuzz" => fuzz::fuzz(&fuzz::Options::parse(rest)?),
         "bench" => match rest.split_first() {
             Some((which, options)) => bench::run(which, options),
