@@ -13,6 +13,7 @@
 //! - [`predict`]: time to OOM, level, victim and thrashing per process, cgroup and host;
 //! - [`report`]: the `inspect` report (a serde type) and its text rendering;
 //! - [`inspect`]: sampling one process for `infermem inspect`;
+//! - [`top`]: the screen of `infermem top` (model, rendering, keys);
 //! - [`doctor`]: checks of the kernel features infermem needs or can use;
 //! - [`units`]: byte sizes for people.
 
@@ -31,4 +32,5 @@ pub mod predict;
 pub mod probes;
 pub mod report;
 pub mod state;
+pub mod top;
 pub mod units;
