@@ -5,6 +5,7 @@
 pub mod actions;
 pub mod pin;
 pub mod runtime;
+pub mod top;
 
 use std::{
     path::Path,

@@ -64,6 +64,13 @@ enum Command {
     },
     /// Print a line per second about a process, a cgroup or the host until it ends.
     Watch(WatchArgs),
+    /// A live dashboard: the AI workloads with memory bars, risk and ETA, OOM kills and
+    /// actions; keys sort the list and open a process's inspect report.
+    Top {
+        /// How often to refresh, e.g. 1s, 500ms (100ms to 1h).
+        #[arg(long, default_value = "1s", value_parser = commands::top::parse_interval)]
+        interval: Duration,
+    },
     /// Report one process's memory: RSS split, model mappings, fault rates, cgroup, OOM score.
     Inspect {
         /// The process to inspect.
@@ -264,6 +271,7 @@ fn main() -> ExitCode {
         Command::Ps { json } => commands::ps(&client, json),
         Command::Status { json } => commands::status(&client, json),
         Command::Watch(args) => commands::watch(&client, args.target.target(), args.json),
+        Command::Top { interval } => commands::top::top(&client, interval),
         Command::Inspect {
             pid,
             duration,

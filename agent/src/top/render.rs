@@ -8,7 +8,7 @@ use ratatui::{
     layout::{Constraint, Layout, Rect},
     style::{Color, Modifier, Style},
     text::{Line, Span},
-    widgets::{Block, Cell, Paragraph, Row, Table, TableState},
+    widgets::{Block, Cell, Paragraph, Row, Table, TableState, Wrap},
 };
 
 use super::model::{Actions, Data, Inspect, InspectBody, Model, View, display_name};
@@ -196,9 +196,14 @@ fn bar_cell((part, whole): (u64, u64), color: Color, text: String) -> Line<'stat
     Line::from(vec![bar(part, whole, color), Span::raw(format!(" {text}"))])
 }
 
+/// [`bar_text`] in `color`.
+fn bar(part: u64, whole: u64, color: Color) -> Span<'static> {
+    Span::styled(bar_text(part, whole), Style::new().fg(color))
+}
+
 /// [`BAR_WIDTH`] cells, filled in proportion to `part / whole` to an eighth of a cell (empty
 /// when `whole` is 0).
-fn bar(part: u64, whole: u64, color: Color) -> Span<'static> {
+pub fn bar_text(part: u64, whole: u64) -> String {
     let eighths = if whole == 0 {
         0
     } else {
@@ -210,7 +215,7 @@ fn bar(part: u64, whole: u64, color: Color) -> Span<'static> {
     text.extend(partial);
     let drawn = eighths / 8 + usize::from(partial.is_some());
     text.extend(std::iter::repeat_n(BAR_EMPTY, BAR_WIDTH - drawn));
-    Span::styled(text, Style::new().fg(color))
+    text
 }
 
 /// `now/max` in bytes for people.
@@ -296,6 +301,7 @@ fn render_inspect(frame: &mut Frame, area: Rect, inspect: &Inspect) {
     };
     let paragraph = Paragraph::new(lines)
         .block(Block::bordered().title(title))
+        .wrap(Wrap { trim: false })
         .scroll((inspect.scroll, 0));
     frame.render_widget(paragraph, area);
 }

@@ -337,3 +337,14 @@ fn enter_without_workloads_does_nothing() {
     assert_eq!(model.view, View::Table);
     row_of(&draw(&model), "AI workloads: none tracked");
 }
+
+#[test]
+fn bars_fill_to_an_eighth_of_a_cell() {
+    use super::render::bar_text;
+    assert_eq!(bar_text(0, 0), "░░░░░░░░");
+    assert_eq!(bar_text(5, 0), "░░░░░░░░", "no whole, no fill");
+    assert_eq!(bar_text(1, 64), "▏░░░░░░░");
+    assert_eq!(bar_text(1, 2), "████░░░░");
+    assert_eq!(bar_text(63, 64), "███████▉");
+    assert_eq!(bar_text(9, 8), "████████", "clamped to full");
+}
