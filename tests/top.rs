@@ -5,7 +5,7 @@
 //! has no tmux.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
 };
@@ -32,16 +32,23 @@ const PROMPT: &str = "top-test$ ";
 /// At most this many rows are stepped through to select one.
 const MAX_ROWS: usize = 40;
 
-/// A tmux server of its own with one 160x50 session running `sh`.
+/// A tmux server of its own (its socket in a scratch directory) with one 160x50 session
+/// running `sh`.
 struct Tmux {
-    socket: String,
+    dir: PathBuf,
+    socket: PathBuf,
 }
 
 impl Tmux {
     fn start(name: &str) -> Tmux {
-        let tmux = Tmux {
-            socket: format!("infermem-{name}-{}", std::process::id()),
-        };
+        let dir = scratch_dir(&format!("{name}-tmux"));
+        let socket = dir.join("tmux.sock");
+        assert!(
+            socket.as_os_str().len() < 100,
+            "socket path {} is too long for a unix socket",
+            socket.display()
+        );
+        let tmux = Tmux { dir, socket };
         tmux.run(&[
             "new-session",
             "-d",
@@ -68,7 +75,7 @@ impl Tmux {
 
     /// Runs `tmux -L <socket> args…`; it must succeed. Returns its stdout.
     fn run(&self, args: &[&str]) -> String {
-        let out = output_of(Command::new("tmux").args(["-L", &self.socket]).args(args));
+        let out = output_of(Command::new("tmux").arg("-S").arg(&self.socket).args(args));
         assert!(
             out.status.success(),
             "tmux {args:?} failed ({}): {}",
@@ -140,8 +147,11 @@ impl Tmux {
 impl Drop for Tmux {
     fn drop(&mut self) {
         let _ = Command::new("tmux")
-            .args(["-L", &self.socket, "kill-server"])
+            .arg("-S")
+            .arg(&self.socket)
+            .arg("kill-server")
             .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
