@@ -5,6 +5,7 @@ mod cargo;
 mod dashboards;
 mod fuzz;
 mod python;
+mod service;
 mod vm;
 
 use anyhow::{Result, bail};
@@ -27,6 +28,14 @@ tasks:
   check-dashboards          promtool check/test of dashboards/alerts.yml, the Grafana dashboard's
                             panels and targets, deploy/otel-collector.yaml against its JSON schema
                             (check-jsonschema, pinned, in a venv under target/); needs promtool
+  install [--root DIR] [--release|--debug]
+                            build infermem (release by default) and install it under DIR
+                            (default /): usr/local/bin/infermem, the systemd unit, the default
+                            config (an existing one is kept); on / also the `infermem` group
+  check-service             systemd-analyze verify and security --offline of the unit (fails
+                            above its exposure threshold), options that would hide /proc,
+                            cgroups or GPUs; the Kubernetes DaemonSet against the API schemas
+                            (kubernetes-validate, pinned, in a venv under target/)
   fuzz [--seconds N]        run the model file parsers' fuzz targets (cargo-fuzz, nightly) for
                             N seconds each (default 60) from the seeds in agent/fuzz/seeds
   bench predictor [--quick] [--hold SECONDS]
@@ -85,6 +94,8 @@ fn main() -> Result<()> {
             cargo::test(&forwarded)
         }
         "check-dashboards" => dashboards::check(),
+        "install" => service::install(&service::InstallOptions::parse(rest)?),
+        "check-service" => service::check(),
         "fuzz" => fuzz::fuzz(&fuzz::Options::parse(rest)?),
         "bench" => match rest.split_first() {
             Some((which, options)) => bench::run(which, options),
