@@ -151,7 +151,8 @@ fn install_config(default: &Path, to: &Path) -> Result<()> {
         );
         return Ok(());
     }
-    place(default, to, 0o644)
+    // Root only: it may hold OTLP headers (tokens); no client reads it.
+    place(default, to, 0o640)
 }
 
 /// Creates the `infermem` group when /etc/group has none (the agent reads /etc/group).
