@@ -11,10 +11,15 @@ use std::{
 };
 
 use infermem_tests::{
+    Talker,
     cgroup::TestCgroup,
-    daemon::{Daemon, NOTICE_TIMEOUT, serial, workload_in, workload_of, write_gguf},
+    daemon::{
+        Daemon, NOTICE_TIMEOUT, in_cgroup, serial, workload_in, workload_of, write_gguf,
+        write_llama_gguf,
+    },
+    dashboard::{self, DashboardQuery},
     prometheus::{Prometheus, free_port, get_text, sample_value},
-    require_root,
+    require_root, workload_bin,
 };
 
 const MIB: u64 = 1 << 20;
@@ -105,4 +110,106 @@ fn prometheus_scrapes_the_endpoint_and_answers_for_a_known_workload() {
         "exported RSS {exported} against VmRSS {actual}"
     );
     drop((workload, prometheus, agent));
+}
+
+/// A llama.cpp stand-in: the workload program copied as `llama-server`, mapping a llama GGUF
+/// with `-c 512`, in `cgroup`. The agent recognises llama.cpp by the executable's name and
+/// predicts its KV cache (2 MiB now, 16 MiB at the 4096-token training context).
+fn llama_stand_in(dir: &std::path::Path, cgroup: &TestCgroup) -> Talker {
+    let model = dir.join("llama.gguf");
+    write_llama_gguf(&model);
+    let bin = dir.join("llama-server");
+    std::fs::copy(workload_bin(), &bin).expect("copy the workload program");
+    let mut cmd = Command::new(&bin);
+    cmd.arg("map-file").arg(&model).args(["dash", "-c", "512"]);
+    in_cgroup(&mut cmd, cgroup);
+    let mut talker = Talker::spawn(cmd);
+    talker.expect_event("mapped");
+    talker
+}
+
+/// A ramp in `cgroup`, started.
+fn ramp(cgroup: &TestCgroup, mib_per_s: &str, stop_mib: &str) -> Talker {
+    let mut ramp = workload_in(cgroup, &["ramp", mib_per_s, stop_mib]);
+    ramp.expect_event("waiting");
+    ramp.send_line("go");
+    ramp
+}
+
+/// How long a query that parses may take to return data: series that come and go with the
+/// growth (the ETAs) get a few scrapes.
+const DATA_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Runs one dashboard query until it returns data (or may be empty); the failure, if it does
+/// not parse or returns nothing within [`DATA_TIMEOUT`].
+fn check(prometheus: &Prometheus, query: &DashboardQuery) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + DATA_TIMEOUT;
+    loop {
+        let result = prometheus
+            .query(&query.expr)
+            .map_err(|error| format!("does not parse: {error}"))?;
+        if !result.is_empty() || dashboard::may_be_empty(query).is_some() {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(format!("returned no data within {DATA_TIMEOUT:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Every query of `dashboards/infermem.json`, with its variables filled, against a real
+/// Prometheus scraping an agent that watches a llama.cpp stand-in whose cgroup heads for its
+/// limit while the host's memory grows: every query parses and returns data (the GPU panel
+/// excepted: no GPU here, see `dashboard::may_be_empty`).
+#[test]
+fn every_dashboard_query_parses_and_returns_data() {
+    require_root();
+    let _serial = serial();
+    let address = format!("127.0.0.1:{}", free_port());
+    let agent = Daemon::start_with_sections(
+        "infermem-dashboard",
+        &format!("[export]\nprometheus = \"{address}\"\n"),
+        &[],
+    );
+    let cgroup = TestCgroup::create("infermem-dashboard", 256 * MIB);
+    let host_growth = TestCgroup::create("infermem-dashboard-host", 2048 * MIB);
+    let llama = llama_stand_in(&agent.dir, &cgroup);
+    let pid = llama.pid();
+    let listed = agent.ps_until(NOTICE_TIMEOUT, |ps| {
+        workload_of(ps, pid)
+            .filter(|w| w["kv_bytes_now"].is_u64())
+            .cloned()
+    });
+    assert_eq!(listed["kv_bytes_now"], 2 * MIB, "{listed}");
+    let prometheus = Prometheus::start(&agent.dir, &address);
+    // Growth: the stand-in's cgroup heads for its limit (no OOM kill: 230 MiB of 256), the
+    // host's memory grows, both for about 45 s.
+    let ramps = [ramp(&cgroup, "5", "230"), ramp(&host_growth, "25", "1200")];
+    let vars = [("instance", address.as_str()), ("pid", &pid.to_string())];
+    let text =
+        std::fs::read_to_string(infermem_tests::workspace_root().join("dashboards/infermem.json"))
+            .expect("read the dashboard");
+    let queries = dashboard::queries(&text, &vars);
+    assert!(queries.len() >= 20, "{} queries", queries.len());
+    // Wait until the slowest series exist (the ETAs need a trend), then run every query.
+    for slow in [
+        "infermem_process_risk_eta_seconds",
+        "infermem_host_risk_eta_seconds",
+    ] {
+        prometheus.query_until(slow, SCRAPE_TIMEOUT, |r| (!r.is_empty()).then_some(()));
+    }
+    let failures: Vec<String> = queries
+        .iter()
+        .filter_map(|q| {
+            let verdict = check(&prometheus, q).err()?;
+            Some(format!("{} [{}] {}: {verdict}", q.panel, q.ref_id, q.expr))
+        })
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "dashboard queries failed:\n{}",
+        failures.join("\n")
+    );
+    drop((ramps, llama, prometheus, agent));
 }

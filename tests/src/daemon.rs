@@ -490,6 +490,27 @@ pub fn workload_of(ps: &Value, pid: u32) -> Option<&Value> {
 /// Writes a small valid GGUF file (v3: a llama architecture key and one f32 tensor, 2 MiB in
 /// all), which the agent recognises by its magic once a process maps it, readable by all.
 pub fn write_gguf(path: &Path) {
+    write_gguf_with(path, &[]);
+}
+
+/// A small llama GGUF with the attention shape the KV model needs (4 layers, 8 KV heads of
+/// 32, a 4096-token training context): a process running it with a known context gets a KV
+/// prediction.
+pub fn write_llama_gguf(path: &Path) {
+    write_gguf_with(
+        path,
+        &[
+            ("llama.context_length", 4096),
+            ("llama.block_count", 4),
+            ("llama.embedding_length", 256),
+            ("llama.attention.head_count", 8),
+            ("llama.attention.head_count_kv", 8),
+        ],
+    );
+}
+
+/// [`write_gguf`] with extra u32 keys.
+fn write_gguf_with(path: &Path, u32_keys: &[(&str, u32)]) {
     fn string(out: &mut Vec<u8>, s: &str) {
         out.extend_from_slice(&(s.len() as u64).to_le_bytes());
         out.extend_from_slice(s.as_bytes());
@@ -497,10 +518,15 @@ pub fn write_gguf(path: &Path) {
     let mut bytes = b"GGUF".to_vec();
     bytes.extend_from_slice(&3u32.to_le_bytes());
     bytes.extend_from_slice(&1u64.to_le_bytes()); // tensors
-    bytes.extend_from_slice(&1u64.to_le_bytes()); // key-values
+    bytes.extend_from_slice(&(1 + u32_keys.len() as u64).to_le_bytes()); // key-values
     string(&mut bytes, "general.architecture");
     bytes.extend_from_slice(&8u32.to_le_bytes()); // string
     string(&mut bytes, "llama");
+    for (key, value) in u32_keys {
+        string(&mut bytes, key);
+        bytes.extend_from_slice(&4u32.to_le_bytes()); // u32
+        bytes.extend_from_slice(&value.to_le_bytes());
+    }
     string(&mut bytes, "token_embd.weight");
     bytes.extend_from_slice(&1u32.to_le_bytes()); // dimensions
     bytes.extend_from_slice(&256u64.to_le_bytes());
