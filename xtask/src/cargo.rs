@@ -80,8 +80,9 @@ pub fn run_infermem(release: bool, args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// `cargo xtask test`: the whole suite, end-to-end tests included. They need root and never
-/// skip, so without root this fails up front with the reason.
+/// `cargo xtask test`: the whole suite, end-to-end tests included, then `check-service` and
+/// `check-dashboards`. The tests need root and never skip, so without root this fails up
+/// front with the reason.
 pub fn test(forwarded: &[String]) -> Result<()> {
     if !is_root() {
         bail!(
@@ -96,5 +97,10 @@ pub fn test(forwarded: &[String]) -> Result<()> {
     let mut args = vec!["test", "--no-fail-fast"];
     args.extend(forwarded.iter().map(String::as_str));
     // The llama.cpp tests run their scripts with this interpreter.
-    cargo(&args, &[("INFERMEM_TEST_PYTHON", python.as_os_str())])
+    let tests = cargo(&args, &[("INFERMEM_TEST_PYTHON", python.as_os_str())]);
+    // The files the tests do not run: the unit and the DaemonSet, the alert rules, the
+    // dashboard and the Collector's config. Checked even when a test failed.
+    let service = crate::service::check();
+    let dashboards = crate::dashboards::check();
+    tests.and(service).and(dashboards)
 }

@@ -36,7 +36,11 @@ const TOOLS: &[(&str, &str)] = &[
 const GUEST_PROFILE: &str = "/t/release";
 /// Host programs the tests run that busybox does not provide as the tests expect (the
 /// `prometheus` test scrapes the agent with a real Prometheus and checks with promtool).
-const HOST_PROGRAMS: &[&str] = &["/usr/bin/setpriv", "/usr/bin/prometheus", "/usr/bin/promtool"];
+const HOST_PROGRAMS: &[&str] = &[
+    "/usr/bin/setpriv",
+    "/usr/bin/prometheus",
+    "/usr/bin/promtool",
+];
 
 /// Which memory cgroup interface the guest mounts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
