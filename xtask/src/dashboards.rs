@@ -9,18 +9,15 @@
 //!   against the components it defines, and the schema itself shown to reject a set of broken
 //!   variants of the real file.
 
-use std::{
-    collections::HashSet,
-    io::Read as _,
-    path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
-    time::{Duration, Instant},
-};
+use std::{collections::HashSet, path::Path, process::Command};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::Value;
 
-use crate::cargo::{profile_dir, workspace_root};
+use crate::{
+    cargo::{profile_dir, workspace_root},
+    checks::{COMMAND_TIMEOUT, checked, output_within, pinned_venv},
+};
 
 /// check-jsonschema and everything it imports, pinned.
 const CHECK_JSONSCHEMA: &[&str] = &[
@@ -40,9 +37,6 @@ const CHECK_JSONSCHEMA: &[&str] = &[
     "typing_extensions==4.16.0",
     "urllib3==2.8.0",
 ];
-
-/// The longest a checker may run (pip downloading the packages included).
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(600);
 
 const ALERTS: &str = "dashboards/alerts.yml";
 const ALERT_TESTS: &str = "dashboards/alerts.test.yml";
@@ -78,68 +72,12 @@ fn promtool(root: &Path, args: &[&str]) -> Result<()> {
     })
 }
 
-/// Runs `command`, which must exit 0 (its output is printed then) within
-/// [`COMMAND_TIMEOUT`]; fails with its output otherwise.
-fn checked(command: &mut Command) -> Result<()> {
-    let output = output_within(command, COMMAND_TIMEOUT)?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    ensure!(
-        output.status.success(),
-        "{command:?} failed ({}):\n{text}",
-        output.status
-    );
-    print!("{text}");
-    Ok(())
-}
-
 /// Fails listing `problems` of `file`, if any.
 fn report(file: &str, problems: &[String]) -> Result<()> {
     if problems.is_empty() {
         return Ok(());
     }
     bail!("{file}:\n  {}", problems.join("\n  "))
-}
-
-/// Runs `command` with its output captured; kills it after `timeout`.
-fn output_within(command: &mut Command, timeout: Duration) -> Result<Output> {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            if let Some(mut pipe) = pipe {
-                let _ = pipe.read_to_end(&mut bytes);
-            }
-            bytes
-        })
-    };
-    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
-    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{command:?} did not finish within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let joined = |h: std::thread::JoinHandle<Vec<u8>>| h.join().unwrap_or_default();
-    Ok(Output {
-        status,
-        stdout: joined(stdout),
-        stderr: joined(stderr),
-    })
 }
 
 /// What is wrong with the dashboard: the variables the queries rely on, and each panel's
@@ -225,7 +163,7 @@ fn target_problems(panel: &Value) -> Vec<String> {
 
 /// The collector configuration: schema, cross-references, and the schema's teeth.
 fn check_collector(root: &Path) -> Result<()> {
-    let bin = ensure_check_jsonschema()?;
+    let bin = pinned_venv("dashboards-venv", CHECK_JSONSCHEMA)?;
     let checker = bin.join("check-jsonschema");
     let schema = root.join(COLLECTOR_SCHEMA);
     checked(
@@ -249,28 +187,6 @@ fn schema_check(checker: &Path, schema: &Path, instance: &Path) -> Result<()> {
             .arg(schema)
             .arg(instance),
     )
-}
-
-/// The venv with check-jsonschema (installed once, pinned); returns its `bin/`.
-fn ensure_check_jsonschema() -> Result<PathBuf> {
-    let target = profile_dir(false)
-        .parent()
-        .context("the target dir")?
-        .to_owned();
-    let venv = target.join("dashboards-venv");
-    let bin = venv.join("bin");
-    let stamp = venv.join(format!(".infermem-{}", CHECK_JSONSCHEMA[0]));
-    if stamp.exists() {
-        return Ok(bin);
-    }
-    checked(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-    checked(
-        Command::new(bin.join("pip"))
-            .args(["install", "--quiet", "--disable-pip-version-check"])
-            .args(CHECK_JSONSCHEMA),
-    )?;
-    std::fs::write(&stamp, "")?;
-    Ok(bin)
 }
 
 /// Reads YAML as JSON with ruamel.yaml (which check-jsonschema itself parses YAML with).

@@ -2,6 +2,7 @@
 
 mod bench;
 mod cargo;
+mod checks;
 mod dashboards;
 mod fuzz;
 mod python;

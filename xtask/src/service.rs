@@ -14,14 +14,16 @@ use std::{
     fs,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
-    time::{Duration, Instant},
+    process::{Command, Output},
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::Value;
 
-use crate::cargo::{cargo, is_root, profile_dir, workspace_root};
+use crate::{
+    cargo::{cargo, is_root, profile_dir, workspace_root},
+    checks::{COMMAND_TIMEOUT, checked, output_within, pinned_venv, text},
+};
 
 /// The unit, the default config and the DaemonSet, in the repository.
 const UNIT: &str = "systemd/infermem.service";
@@ -61,9 +63,6 @@ const KUBERNETES_VALIDATE: &[&str] = &[
 /// The manifest is checked against the oldest API it supports (1.30 brought
 /// `securityContext.appArmorProfile`) and the newest that kubernetes-validate bundles.
 const KUBERNETES_VERSIONS: &[&str] = &["1.30.0", "1.37.0"];
-
-/// The longest a checker may run (pip downloading the packages included).
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Options of `cargo xtask install`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -340,7 +339,7 @@ fn unit_capabilities(settings: &[(&str, &str)]) -> BTreeSet<String> {
 /// The manifest against the API schemas of each of [`KUBERNETES_VERSIONS`] (strict: an
 /// unknown field fails), then its capabilities against the unit's.
 fn check_daemonset(root: &Path, unit: &str) -> Result<()> {
-    let bin = ensure_kubernetes_validate()?;
+    let bin = pinned_venv("service-venv", KUBERNETES_VALIDATE)?;
     let manifest = root.join(DAEMONSET);
     for version in KUBERNETES_VERSIONS {
         checked(
@@ -396,28 +395,6 @@ fn daemonset_problems(documents: &[Value], wanted: &BTreeSet<String>) -> Vec<Str
     problems
 }
 
-/// The venv with kubernetes-validate (installed once, pinned); returns its `bin/`.
-fn ensure_kubernetes_validate() -> Result<PathBuf> {
-    let target = profile_dir(false)
-        .parent()
-        .context("the target dir")?
-        .to_owned();
-    let venv = target.join("service-venv");
-    let bin = venv.join("bin");
-    let stamp = venv.join(format!(".infermem-{}", KUBERNETES_VALIDATE[0]));
-    if stamp.exists() {
-        return Ok(bin);
-    }
-    checked(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-    checked(
-        Command::new(bin.join("pip"))
-            .args(["install", "--quiet", "--disable-pip-version-check"])
-            .args(KUBERNETES_VALIDATE),
-    )?;
-    fs::write(&stamp, "")?;
-    Ok(bin)
-}
-
 /// Reads every YAML document of a file as JSON, with PyYAML (which kubernetes-validate
 /// itself parses manifests with).
 const YAML_TO_JSON: &str = "import json, sys, yaml\n\
@@ -436,58 +413,6 @@ fn yaml_documents(python: &Path, path: &Path) -> Result<Vec<Value>> {
         String::from_utf8_lossy(&output.stderr)
     );
     Ok(serde_json::from_slice(&output.stdout)?)
-}
-
-/// Runs `command`, which must exit 0 within [`COMMAND_TIMEOUT`]; prints its output.
-fn checked(command: &mut Command) -> Result<()> {
-    let output = output_within(command, COMMAND_TIMEOUT)?;
-    let said = text(&output);
-    ensure!(
-        output.status.success(),
-        "{command:?} failed ({}):\n{said}",
-        output.status
-    );
-    print!("{said}");
-    Ok(())
-}
-
-/// stdout then stderr, as text.
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-/// Runs `command` with stdout and stderr in files (so that a full pipe cannot block it);
-/// kills it after `timeout`.
-fn output_within(command: &mut Command, timeout: Duration) -> Result<Output> {
-    let dir = profile_dir(false).join("check-service");
-    fs::create_dir_all(&dir)?;
-    let (out, err) = (dir.join("stdout"), dir.join("stderr"));
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(&out)?)
-        .stderr(fs::File::create(&err)?)
-        .spawn()?;
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{command:?} did not finish within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Ok(Output {
-        status,
-        stdout: fs::read(&out)?,
-        stderr: fs::read(&err)?,
-    })
 }
 
 #[cfg(test)]
