@@ -157,11 +157,9 @@ fn standalone_snapshot() -> AgentService {
     AgentService(agent)
 }
 
-fn watch_standalone(
-    options: &ClientOptions,
-    mut target: WatchTarget,
-    mut print: impl FnMut(&proto::WatchUpdate),
-) -> Result<(), ClientError> {
+/// An agent for a command that follows the pipeline live without a daemon (`watch`, `top`),
+/// with its probes loaded or the reason they are not on stderr.
+pub(crate) fn live_standalone_agent(options: &ClientOptions) -> Arc<Agent> {
     let agent = Arc::new(Agent::new(
         Some(&options.probes),
         Settings::default(),
@@ -170,6 +168,15 @@ fn watch_standalone(
     if let Some(reason) = agent.ebpf_reason() {
         eprintln!("note: eBPF is off ({reason}); OOM kills are not seen as they happen");
     }
+    agent
+}
+
+fn watch_standalone(
+    options: &ClientOptions,
+    mut target: WatchTarget,
+    mut print: impl FnMut(&proto::WatchUpdate),
+) -> Result<(), ClientError> {
+    let agent = live_standalone_agent(options);
     agent.seed_all();
     let threads = agent.start();
     let service = AgentService(Arc::clone(&agent));

@@ -9,10 +9,7 @@ use std::{
     io::{self, BufRead as _, BufReader, IsTerminal as _},
     os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     process::ExitCode,
-    sync::{
-        Arc,
-        mpsc::{self, Receiver},
-    },
+    sync::mpsc::{self, Receiver},
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -25,7 +22,7 @@ use ratatui::{
 use super::{ClientOptions, block_on, daemon, exit_code};
 use crate::{
     api::{Peer, Service, client::Client, client::ClientError, proto},
-    daemon::{Agent, Mode, Settings, service::AgentService, unix_now},
+    daemon::{service::AgentService, unix_now},
     report,
     top::{
         input::{Effect, handle_key},
@@ -273,14 +270,7 @@ impl InProcess {
     /// Loads the probes (or says why not on stderr), takes a first snapshot so that the first
     /// screen has the workloads, and starts the pipeline's threads.
     fn start(options: &ClientOptions) -> InProcess {
-        let agent = Arc::new(Agent::new(
-            Some(&options.probes),
-            Settings::default(),
-            Mode::Standalone,
-        ));
-        if let Some(reason) = agent.ebpf_reason() {
-            eprintln!("note: eBPF is off ({reason}); OOM kills are not seen as they happen");
-        }
+        let agent = super::live_standalone_agent(options);
         agent.snapshot();
         let threads = agent.start();
         InProcess {
