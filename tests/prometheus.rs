@@ -136,6 +136,9 @@ fn ramp(cgroup: &TestCgroup, mib_per_s: &str, stop_mib: &str) -> Talker {
     ramp
 }
 
+/// The dashboard, built in: the kernel-matrix VM has the test binaries, not the sources.
+const DASHBOARD: &str = include_str!("../dashboards/infermem.json");
+
 /// How long a query that parses may take to return data: series that come and go with the
 /// growth (the ETAs) get a few scrapes.
 const DATA_TIMEOUT: Duration = Duration::from_secs(20);
@@ -187,10 +190,7 @@ fn every_dashboard_query_parses_and_returns_data() {
     // host's memory grows, both for about 45 s.
     let ramps = [ramp(&cgroup, "5", "230"), ramp(&host_growth, "25", "1200")];
     let vars = [("instance", address.as_str()), ("pid", &pid.to_string())];
-    let text =
-        std::fs::read_to_string(infermem_tests::workspace_root().join("dashboards/infermem.json"))
-            .expect("read the dashboard");
-    let queries = dashboard::queries(&text, &vars);
+    let queries = dashboard::queries(DASHBOARD, &vars);
     assert!(queries.len() >= 20, "{} queries", queries.len());
     // Wait until the slowest series exist (the ETAs need a trend), then run every query.
     for slow in [
