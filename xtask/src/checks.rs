@@ -3,7 +3,7 @@
 
 use std::{
     io::Read as _,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
@@ -104,4 +104,21 @@ pub fn pinned_venv(name: &str, packages: &[&str]) -> Result<PathBuf> {
     )?;
     std::fs::write(&stamp, "")?;
     Ok(bin)
+}
+
+/// The JSON that `script` (Python, run by the venv's `python` with `path` as its argument)
+/// prints for the YAML file at `path`: how the checks read YAML with the validator's own
+/// parser.
+pub fn yaml_as_json(python: &Path, script: &str, path: &Path) -> Result<serde_json::Value> {
+    let output = output_within(
+        Command::new(python).args(["-c", script]).arg(path),
+        COMMAND_TIMEOUT,
+    )?;
+    ensure!(
+        output.status.success(),
+        "{} is not YAML: {}",
+        path.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(serde_json::from_slice(&output.stdout)?)
 }

@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use crate::{
     cargo::{profile_dir, workspace_root},
-    checks::{COMMAND_TIMEOUT, checked, output_within, pinned_venv},
+    checks::{COMMAND_TIMEOUT, checked, output_within, pinned_venv, yaml_as_json},
 };
 
 /// check-jsonschema and everything it imports, pinned.
@@ -173,7 +173,7 @@ fn check_collector(root: &Path) -> Result<()> {
     )?;
     let config_path = root.join(COLLECTOR);
     schema_check(&checker, &schema, &config_path)?;
-    let config = yaml_as_json(&bin.join("python"), &config_path)?;
+    let config = yaml_as_json(&bin.join("python"), YAML_TO_JSON, &config_path)?;
     report(COLLECTOR, &cross_reference_problems(&config))?;
     println!("{COLLECTOR}: every pipeline refers to defined components, each one used");
     schema_rejects_broken_variants(&checker, &schema, &config)
@@ -192,20 +192,6 @@ fn schema_check(checker: &Path, schema: &Path, instance: &Path) -> Result<()> {
 /// Reads YAML as JSON with ruamel.yaml (which check-jsonschema itself parses YAML with).
 const YAML_TO_JSON: &str = "import json, sys\nfrom ruamel.yaml import YAML\n\
      json.dump(YAML(typ='safe', pure=True).load(open(sys.argv[1])), sys.stdout)";
-
-/// `path`'s YAML document as JSON.
-fn yaml_as_json(python: &Path, path: &Path) -> Result<Value> {
-    let mut command = Command::new(python);
-    command.args(["-c", YAML_TO_JSON]).arg(path);
-    let output = output_within(&mut command, COMMAND_TIMEOUT)?;
-    ensure!(
-        output.status.success(),
-        "{} is not YAML: {}",
-        path.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(serde_json::from_slice(&output.stdout)?)
-}
 
 /// The ids of the components defined in `section`.
 fn defined<'a>(config: &'a Value, section: &str) -> HashSet<&'a str> {

@@ -22,7 +22,7 @@ use serde_json::Value;
 
 use crate::{
     cargo::{cargo, is_root, profile_dir, workspace_root},
-    checks::{COMMAND_TIMEOUT, checked, output_within, pinned_venv, text},
+    checks::{COMMAND_TIMEOUT, checked, output_within, pinned_venv, text, yaml_as_json},
 };
 
 /// The unit, the default config and the DaemonSet, in the repository.
@@ -348,7 +348,8 @@ fn check_daemonset(root: &Path, unit: &str) -> Result<()> {
                 .arg(&manifest),
         )?;
     }
-    let documents = yaml_documents(&bin.join("python"), &manifest)?;
+    let documents: Vec<Value> =
+        serde_json::from_value(yaml_as_json(&bin.join("python"), YAML_TO_JSON, &manifest)?)?;
     let wanted = unit_capabilities(&settings(unit));
     let problems = daemonset_problems(&documents, &wanted);
     ensure!(
@@ -399,21 +400,6 @@ fn daemonset_problems(documents: &[Value], wanted: &BTreeSet<String>) -> Vec<Str
 /// itself parses manifests with).
 const YAML_TO_JSON: &str = "import json, sys, yaml\n\
      json.dump([d for d in yaml.safe_load_all(open(sys.argv[1])) if d], sys.stdout)";
-
-/// The documents of the YAML file at `path`.
-fn yaml_documents(python: &Path, path: &Path) -> Result<Vec<Value>> {
-    let output = output_within(
-        Command::new(python).args(["-c", YAML_TO_JSON]).arg(path),
-        COMMAND_TIMEOUT,
-    )?;
-    ensure!(
-        output.status.success(),
-        "{} is not YAML: {}",
-        path.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(serde_json::from_slice(&output.stdout)?)
-}
 
 #[cfg(test)]
 mod tests {
