@@ -15,7 +15,7 @@ use infermem_tests::{
     cgroup::TestCgroup,
     daemon::{Daemon, NOTICE_TIMEOUT, serial, workload_in, workload_of, write_gguf},
     otlp::{ReceivedPoint, Receiver, TEST_HEADER},
-    require_root,
+    proc_kib_field, require_root,
 };
 
 const MIB: u64 = 1 << 20;
@@ -80,16 +80,6 @@ fn assert_described(points: &[ReceivedPoint], expected: &[(&str, &str, &str)]) {
     }
 }
 
-fn mem_total() -> f64 {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").expect("/proc/meminfo");
-    let kib: f64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("MemTotal");
-    kib * 1024.0
-}
-
 /// The process series of the workload: names, units, attributes and values.
 fn assert_process_series(points: &[ReceivedPoint], pid: u32, model: &str, cgroup: &str) {
     let usage = latest_for_pid(points, "process.memory.usage", pid).expect("arrived");
@@ -142,6 +132,49 @@ fn assert_resource(point: &ReceivedPoint, extra: (&str, &str)) {
     );
 }
 
+/// Starts a ramp in `cgroup` that heads for its limit and is OOM-killed; checks the
+/// `critical` and `oom_kill` log records and the kill counters that reach `receiver`.
+fn ramp_to_an_oom_kill(receiver: &Receiver, cgroup: &TestCgroup) -> Talker {
+    let mut ramp = workload_in(cgroup, &["ramp", "25", "400"]);
+    let ramp_pid = ramp.expect_event("waiting")["pid"].as_u64().unwrap() as u32;
+    ramp.send_line("go");
+    let key = format!("cgroup:{}", cgroup.path);
+    let critical = receiver.wait_for("a critical alert", EXPORT_TIMEOUT, |r| {
+        r.logs()
+            .into_iter()
+            .find(|l| l.event_name == "infermem.critical" && l.attributes["infermem.key"] == key)
+    });
+    assert_eq!(critical.severity, "WARN");
+    assert!(
+        critical.body.contains("\"level\":\"critical\""),
+        "{critical:?}"
+    );
+    let kill = receiver.wait_for("an OOM-kill record", EXPORT_TIMEOUT, |r| {
+        r.logs().into_iter().find(|l| {
+            l.event_name == "infermem.oom_kill"
+                && l.attributes.get("process.pid") == Some(&ramp_pid.to_string())
+        })
+    });
+    assert_eq!(kill.severity, "ERROR");
+    assert_eq!(kill.resource["service.name"], "infermem");
+    receiver.wait_for("the OOM kill counted", EXPORT_TIMEOUT, |r| {
+        let points = r.points();
+        let counted = |metric: &str, cgroup: Option<&str>| {
+            points.iter().rev().any(|p| {
+                p.metric == metric
+                    && p.value >= 1.0
+                    && cgroup.is_none_or(|c| {
+                        p.attributes.get("infermem.cgroup").map(String::as_str) == Some(c)
+                    })
+            })
+        };
+        (counted("infermem.oom_kills", None)
+            && counted("infermem.cgroup.oom_kills", Some(&cgroup.path)))
+        .then_some(())
+    });
+    ramp
+}
+
 #[test]
 fn otlp_over_grpc_carries_the_catalogue_and_the_alerts() {
     require_root();
@@ -181,7 +214,10 @@ fn otlp_over_grpc_carries_the_catalogue_and_the_alerts() {
         .iter()
         .rev()
         .find(|p| p.metric == "system.memory.limit");
-    assert_eq!(limit.expect("arrived").value, mem_total());
+    assert_eq!(
+        limit.expect("arrived").value,
+        proc_kib_field("/proc/meminfo", "MemTotal")
+    );
     assert_resource(&points[0], ("deployment.environment.name", "ci"));
     assert!(receiver.test_headers().iter().all(|h| h == "from-env"));
     assert!(
@@ -190,43 +226,7 @@ fn otlp_over_grpc_carries_the_catalogue_and_the_alerts() {
     );
 
     // A ramp in the same cgroup heads for its limit and is OOM-killed: both are log records.
-    let mut ramp = workload_in(&cgroup, &["ramp", "25", "400"]);
-    let ramp_pid = ramp.expect_event("waiting")["pid"].as_u64().unwrap() as u32;
-    ramp.send_line("go");
-    let key = format!("cgroup:{}", cgroup.path);
-    let critical = receiver.wait_for("a critical alert", EXPORT_TIMEOUT, |r| {
-        r.logs()
-            .into_iter()
-            .find(|l| l.event_name == "infermem.critical" && l.attributes["infermem.key"] == key)
-    });
-    assert_eq!(critical.severity, "WARN");
-    assert!(
-        critical.body.contains("\"level\":\"critical\""),
-        "{critical:?}"
-    );
-    let kill = receiver.wait_for("an OOM-kill record", EXPORT_TIMEOUT, |r| {
-        r.logs().into_iter().find(|l| {
-            l.event_name == "infermem.oom_kill"
-                && l.attributes.get("process.pid") == Some(&ramp_pid.to_string())
-        })
-    });
-    assert_eq!(kill.severity, "ERROR");
-    assert_eq!(kill.resource["service.name"], "infermem");
-    receiver.wait_for("the OOM kill counted", EXPORT_TIMEOUT, |r| {
-        let points = r.points();
-        let counted = |metric: &str, cgroup: Option<&str>| {
-            points.iter().rev().any(|p| {
-                p.metric == metric
-                    && p.value >= 1.0
-                    && cgroup.is_none_or(|c| {
-                        p.attributes.get("infermem.cgroup").map(String::as_str) == Some(c)
-                    })
-            })
-        };
-        (counted("infermem.oom_kills", None)
-            && counted("infermem.cgroup.oom_kills", Some(&cgroup.path)))
-        .then_some(())
-    });
+    let ramp = ramp_to_an_oom_kill(&receiver, &cgroup);
     drop((workload, ramp, agent));
 }
 

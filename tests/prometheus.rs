@@ -18,6 +18,7 @@ use infermem_tests::{
         write_llama_gguf,
     },
     dashboard::{self, DashboardQuery},
+    proc_kib_field,
     prometheus::{Prometheus, free_port, get_text, sample_value},
     require_root, workload_bin,
 };
@@ -49,17 +50,6 @@ fn promtool_check_metrics(exposition: &str) {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-}
-
-/// Resident bytes of `pid` from `/proc/<pid>/status`.
-fn vm_rss(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
-    kib * 1024.0
 }
 
 #[test]
@@ -104,7 +94,8 @@ fn prometheus_scrapes_the_endpoint_and_answers_for_a_known_workload() {
     assert_eq!(labels["executable"], "workload", "{rss}");
     assert_eq!(labels["model"], model.to_str().unwrap(), "{rss}");
     assert_eq!(labels["cgroup"], cgroup.path.as_str(), "{rss}");
-    let (exported, actual) = (sample_value(&rss), vm_rss(pid));
+    let actual = proc_kib_field(&format!("/proc/{pid}/status"), "VmRSS");
+    let exported = sample_value(&rss);
     assert!(
         (exported - actual).abs() <= 4.0 * MIB as f64,
         "exported RSS {exported} against VmRSS {actual}"

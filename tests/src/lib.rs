@@ -22,6 +22,18 @@ use std::{
 
 use serde_json::Value;
 
+/// The bytes of a `Field:   N kB` line of a /proc file (`/proc/meminfo`,
+/// `/proc/<pid>/status`), read now.
+pub fn proc_kib_field(path: &str, field: &str) -> f64 {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let kib: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in {path}"));
+    kib * 1024.0
+}
+
 /// Fails the test unless we run as root.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
