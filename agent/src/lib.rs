@@ -25,6 +25,7 @@ pub mod config;
 pub mod daemon;
 pub mod doctor;
 pub mod export;
+pub mod gpu;
 pub mod inspect;
 pub mod model;
 pub mod policy;

@@ -34,6 +34,7 @@ impl Service for AgentService {
         proto::PsReply {
             workloads,
             daemon: Some(daemon_info(&self.0, &registry)),
+            gpu: None,
         }
     }
 
@@ -214,6 +215,7 @@ fn workload(p: &TrackedProcess) -> proto::Workload {
             .to_owned(),
         command_line: crate::model::redact::cmdline(&p.state.identity.cmdline).join(" "),
         model_file_bytes: report.files.iter().map(|f| f.file.size_bytes).sum(),
+        gpu: Vec::new(),
     }
 }
 

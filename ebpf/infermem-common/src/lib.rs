@@ -67,6 +67,13 @@ pub mod map_names {
     /// The ring buffer carrying only [`crate::EventKind::OomVictim`] events, so that a flood
     /// of other events can never drop an OOM kill.
     pub const OOM_EVENTS: &str = "OOM_EVENTS";
+    /// The NVIDIA fds of every process ([`crate::NvidiaFdKey`] -> [`crate::nvidia_fd`] kind),
+    /// learned from open and close by the probes and seeded by the agent from `/proc/*/fd`.
+    pub const NVIDIA_FDS: &str = "NVIDIA_FDS";
+    /// The ring buffer carrying [`crate::GpuIoctl`] records.
+    pub const GPU_EVENTS: &str = "GPU_EVENTS";
+    /// Per-CPU [`crate::GpuProbeStats`] (one entry).
+    pub const GPU_STATS: &str = "GPU_STATS";
 }
 
 /// Names of the globals the agent sets before loading.
@@ -332,15 +339,35 @@ pub struct SyscallNumbers {
     pub munmap: u64,
     pub mremap: u64,
     pub brk: u64,
+    /// The NVIDIA probes: `ioctl` on NVIDIA fds, and the calls that create and drop those fds.
+    pub ioctl: u64,
+    pub openat: u64,
+    /// [`SyscallNumbers::ABSENT`] where the architecture has no such call (aarch64).
+    pub open: u64,
+    pub close: u64,
+    pub dup: u64,
+    /// [`SyscallNumbers::ABSENT`] on aarch64.
+    pub dup2: u64,
+    pub dup3: u64,
 }
 
 impl SyscallNumbers {
+    /// Marks a syscall the architecture does not have.
+    pub const ABSENT: u64 = u64::MAX;
+
     /// x86_64 numbers (arch/x86/entry/syscalls/syscall_64.tbl).
     pub const X86_64: SyscallNumbers = SyscallNumbers {
         mmap: 9,
         munmap: 11,
         mremap: 25,
         brk: 12,
+        ioctl: 16,
+        openat: 257,
+        open: 2,
+        close: 3,
+        dup: 32,
+        dup2: 33,
+        dup3: 292,
     };
     /// aarch64 numbers (include/uapi/asm-generic/unistd.h).
     pub const AARCH64: SyscallNumbers = SyscallNumbers {
@@ -348,7 +375,93 @@ impl SyscallNumbers {
         munmap: 215,
         mremap: 216,
         brk: 214,
+        ioctl: 29,
+        openat: 56,
+        open: Self::ABSENT,
+        close: 57,
+        dup: 23,
+        dup2: Self::ABSENT,
+        dup3: 24,
     };
+}
+
+/// What an NVIDIA fd is open on, as [`map_names::NVIDIA_FDS`] stores it (a `u32`).
+pub mod nvidia_fd {
+    /// `/dev/nvidiactl`, where RM clients and most RM objects are made.
+    pub const CTL: u32 = 1;
+    /// `/dev/nvidia-uvm` (unified memory: its ioctls map address ranges and carry no sizes).
+    pub const UVM: u32 = 2;
+    /// `/dev/nvidiaN` is `DEVICE + N`.
+    pub const DEVICE: u32 = 0x100;
+    /// The highest `N` of `/dev/nvidiaN` the probes recognise.
+    pub const MAX_DEVICE_MINOR: u32 = 254;
+}
+
+/// Key of [`map_names::NVIDIA_FDS`]: a process and one of its fds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NvidiaFdKey {
+    pub tgid: u32,
+    pub fd: u32,
+}
+
+/// The largest RM parameter block the probes copy: NVOS32 (`NV_ESC_RM_VID_HEAP_CONTROL`),
+/// 184 bytes on x86_64 in every driver from 515 to 595.
+pub const GPU_PARAMS_MAX: usize = 184;
+
+/// The most bytes of an `NV_ESC_RM_ALLOC` call's allocation parameters (`pAllocParms`) the
+/// probes copy: `NV_MEMORY_ALLOCATION_PARAMS` is 120 bytes up to 535 and 128 from 545.
+pub const GPU_ALLOC_PARAMS_MAX: usize = 128;
+
+/// One successful `ioctl` on an NVIDIA fd whose command is an RM escape the agent decodes
+/// (alloc, free, dup, vid-heap control, alloc-memory), copied at syscall exit and sent on
+/// [`map_names::GPU_EVENTS`]. The kernel side does not interpret the bytes: the agent decodes
+/// them with the layout of the running driver version.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GpuIoctl {
+    /// The calling process.
+    pub tgid: u32,
+    /// The fd's [`nvidia_fd`] kind.
+    pub fd_kind: u32,
+    /// The ioctl command (`_IOWR('F', nr, size)`); for `NV_ESC_IOCTL_XFER_CMD`, the command
+    /// it carries, whose parameters are then those at the transfer's pointer.
+    pub cmd: u32,
+    /// The ioctl's return value (0 even when RM refused: RM's verdict is in the parameters).
+    pub ret: i32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at syscall exit.
+    pub time_ns: u64,
+    /// Bytes of `params` copied (the command's size, at most [`GPU_PARAMS_MAX`]); 0 when
+    /// the caller's memory could not be read.
+    pub params_len: u32,
+    /// Bytes of `alloc_params` copied, for `NV_ESC_RM_ALLOC` only (0 otherwise or when
+    /// unreadable).
+    pub alloc_params_len: u32,
+    /// The parameter block as the driver left it in the caller's memory.
+    pub params: [u8; GPU_PARAMS_MAX],
+    /// The start of the allocation parameters `pAllocParms` points to, for `NV_ESC_RM_ALLOC`.
+    pub alloc_params: [u8; GPU_ALLOC_PARAMS_MAX],
+}
+
+/// Health counters of the NVIDIA probes (per CPU; userspace sums), in
+/// [`map_names::GPU_STATS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GpuProbeStats {
+    /// `ioctl`s seen on NVIDIA fds (any command).
+    pub ioctls: u64,
+    /// [`GpuIoctl`] records sent.
+    pub sent: u64,
+    /// Records lost because [`map_names::GPU_EVENTS`] was full: GPU figures are then
+    /// incomplete, and the agent says so.
+    pub ringbuf_drops: u64,
+    /// Parameter blocks that could not be read from the caller's memory.
+    pub read_failures: u64,
+    /// NVIDIA fds learned from `open`/`openat`/`dup*`, and forgotten at `close`.
+    pub fds_opened: u64,
+    pub fds_closed: u64,
+    /// [`map_names::NVIDIA_FDS`] updates that failed.
+    pub map_drops: u64,
 }
 
 /// `mmap` flags the probes look at (identical on x86_64 and aarch64).
@@ -436,4 +549,7 @@ mod pod {
     unsafe impl aya::Pod for SyscallNumbers {}
     unsafe impl aya::Pod for BucketPolicy {}
     unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for NvidiaFdKey {}
+    unsafe impl aya::Pod for GpuIoctl {}
+    unsafe impl aya::Pod for GpuProbeStats {}
 }

@@ -140,6 +140,7 @@ fn status_shows_host_cgroups_kills_and_agent() {
             probes_unavailable: vec!["oom/mark_victim: missing".into()],
             ..Default::default()
         }),
+        gpu: None,
     };
     let text = render_status(&reply);
     for part in [

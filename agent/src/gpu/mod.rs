@@ -1,0 +1,36 @@
+//! GPU memory per process, without the runtime's help: the NVIDIA driver's RM ioctls seen by
+//! the kernel probes, decoded with the running driver's layout, paired into live objects, and
+//! cross-checked with NVML.
+//!
+//! - [`layout`]: which byte offsets each driver version uses (tables keyed by
+//!   `/sys/module/nvidia/version`, each naming the versions it was checked against).
+//! - [`decode`]: one [`infermem_common::GpuIoctl`] record into an [`decode::RmCall`].
+//! - [`objects`]: the live RM objects, paired by (client, handle), and each process's bytes.
+//! - [`fds`]: which fds are NVIDIA fds, learned from `/proc/*/fd` at start.
+//! - [`nvml`]: what NVML says (devices, per-process memory), when libnvidia-ml is present.
+
+pub mod decode;
+pub mod fds;
+pub mod layout;
+pub mod nvml;
+pub mod objects;
+
+/// Marks an allocation whose device could not be resolved (its parent object was never seen).
+pub const UNKNOWN_DEVICE: u32 = u32::MAX;
+
+/// GPU memory of one process on one device, as `inspect` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ProcessGpu {
+    /// The device: its RM device instance, which is `N` of `/dev/nvidiaN` and NVML's minor
+    /// number ([`UNKNOWN_DEVICE`] when unresolved).
+    pub device: u32,
+    /// Live video memory the process allocated through RM ioctls; None when the probes do
+    /// not decode this driver (or are off).
+    pub vram_bytes_ioctl: Option<u64>,
+    /// What NVML reports for the process on this device; None without NVML or when NVML
+    /// cannot say (containers, MIG, "N/A").
+    pub vram_bytes_nvml: Option<u64>,
+    /// Live host memory registered with or allocated by the driver (system memory and OS
+    /// descriptors: pinned pages).
+    pub host_pinned_bytes: u64,
+}
