@@ -34,7 +34,6 @@ impl Service for AgentService {
         proto::PsReply {
             workloads,
             daemon: Some(daemon_info(&self.0, &registry)),
-            gpu: None,
         }
     }
 
@@ -65,6 +64,7 @@ impl Service for AgentService {
                 })
                 .collect(),
             daemon: Some(daemon_info(&self.0, &registry)),
+            gpu: None,
         }
     }
 
