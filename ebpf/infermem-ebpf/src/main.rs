@@ -8,6 +8,7 @@
 //! - `faults`: user page faults, attributed to large file mappings or to the rest.
 //! - `lifecycle`: exec, fork and exit (start and stop tracking, reclaim map entries).
 //! - `oom`: OOM-killer victims.
+//! - `nvidia`: the NVIDIA driver's RM ioctls (GPU memory), through the syscall probes.
 #![no_std]
 #![no_main]
 // Atomic add without compare-and-swap (see `kernel::atomic_add`).
@@ -19,6 +20,7 @@ mod faults;
 mod kernel;
 mod lifecycle;
 mod maps;
+mod nvidia;
 mod oom;
 mod syscalls;
 

@@ -1,5 +1,7 @@
 //! mmap, munmap, mremap and brk: arguments saved on entry, accounted on exit.
 //!
+//! They also hand `ioctl`, `open`, `close` and `dup*` to [`crate::nvidia`].
+//!
 //! Both probes sit on the raw `sys_enter`/`sys_exit` tracepoints, which fire for every syscall;
 //! everything but the four memory syscalls leaves after one comparison.
 
@@ -9,7 +11,7 @@ use aya_ebpf::{
 use infermem_common::{EventKind, LARGE_MAPPING_BYTES, Probe, ProcMemory, SyscallArgs, mmap_flags};
 
 use crate::{
-    buckets,
+    buckets, nvidia,
     kernel::{atomic_add, syscall_args, syscall_nr},
     maps::{
         SYSCALL_ARGS, bucket_policy, bump_bucket_epoch, count_event, count_map_drop, emit,
@@ -26,16 +28,20 @@ fn is_memory_syscall(nr: u64) -> bool {
 #[btf_tracepoint(function = "sys_enter")]
 pub fn sys_enter(ctx: BtfTracePointContext) -> i32 {
     let nr: u64 = ctx.arg(1);
-    if !is_memory_syscall(nr) {
+    let memory = is_memory_syscall(nr);
+    if !memory && !nvidia::is_nvidia_syscall(nr) {
         return 0;
     }
     let regs: *const u64 = ctx.arg(0);
-    let tid = bpf_get_current_pid_tgid() as u32;
-    let saved = SyscallArgs {
-        nr,
-        // SAFETY: `regs` is the tracepoint's trusted pt_regs argument.
-        args: unsafe { syscall_args(regs) },
-    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    // SAFETY: `regs` is the tracepoint's trusted pt_regs argument.
+    let args = unsafe { syscall_args(regs) };
+    if !memory {
+        nvidia::on_enter(tgid, tid, nr, &args);
+        return 0;
+    }
+    let saved = SyscallArgs { nr, args };
     if SYSCALL_ARGS.insert(tid, saved, 0).is_err() {
         count_map_drop(Probe::SysEnter);
     }
@@ -48,12 +54,25 @@ pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
     let regs: *const u64 = ctx.arg(0);
     // SAFETY: `regs` is the tracepoint's trusted pt_regs argument.
     let nr = unsafe { syscall_nr(regs) };
-    if !is_memory_syscall(nr) {
+    let memory = is_memory_syscall(nr);
+    if !memory && !nvidia::is_nvidia_syscall(nr) {
         return 0;
     }
     let ret: i64 = ctx.arg(1);
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    if !memory {
+        // Only the calls on NVIDIA fds and paths were saved.
+        if let Some(saved) = SYSCALL_ARGS.get_ptr(tid) {
+            // SAFETY: a valid map value pointer; copied before the entry is removed.
+            let saved = unsafe { *saved };
+            let _ = SYSCALL_ARGS.remove(tid);
+            if saved.nr == nr {
+                nvidia::on_exit(tgid, &saved, ret);
+            }
+        }
+        return 0;
+    }
     let Some(saved) = SYSCALL_ARGS.get_ptr(tid) else {
         if let Some(s) = stats(Probe::SysExit) {
             s.unmatched += 1;
