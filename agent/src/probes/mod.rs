@@ -7,6 +7,7 @@
 
 mod batch;
 pub mod events;
+pub mod nvidia;
 pub mod offsets;
 
 use std::{
@@ -104,7 +105,8 @@ pub struct Probes {
     syscall_args: HashMap<MapData, u32, SyscallArgs>,
     epoch: Array<MapData, u64>,
     stats: PerCpuArray<MapData, ProbeStats>,
-    events: Option<(RingBuf<MapData>, RingBuf<MapData>)>,
+    events: Option<(RingBuf<MapData>, RingBuf<MapData>, RingBuf<MapData>)>,
+    nvidia: nvidia::NvidiaMaps,
     offsets: KernelOffsets,
     mark_victim: Option<MarkVictim>,
     unavailable: Vec<(Probe, String)>,
@@ -166,6 +168,14 @@ impl Probes {
             .map_err(|_| ProbeError::Map(map_names::EVENTS))?;
         let oom_events = RingBuf::try_from(take(map_names::OOM_EVENTS)?)
             .map_err(|_| ProbeError::Map(map_names::OOM_EVENTS))?;
+        let gpu_events = RingBuf::try_from(take(map_names::GPU_EVENTS)?)
+            .map_err(|_| ProbeError::Map(map_names::GPU_EVENTS))?;
+        let nvidia = nvidia::NvidiaMaps {
+            fds: HashMap::try_from(take(map_names::NVIDIA_FDS)?)
+                .map_err(|_| ProbeError::Map(map_names::NVIDIA_FDS))?,
+            stats: PerCpuArray::try_from(take(map_names::GPU_STATS)?)
+                .map_err(|_| ProbeError::Map(map_names::GPU_STATS))?,
+        };
         Ok(Probes {
             _ebpf: ebpf,
             faults,
@@ -176,7 +186,8 @@ impl Probes {
             syscall_args,
             epoch,
             stats,
-            events: Some((events, oom_events)),
+            events: Some((events, oom_events, gpu_events)),
+            nvidia,
             offsets: kernel.offsets,
             mark_victim: kernel.mark_victim,
             unavailable,
@@ -385,21 +396,32 @@ impl Probes {
     /// Takes the event ring buffers (once) for an [`EventReader`]; None if already taken or
     /// if an epoll instance cannot be created.
     pub fn take_event_reader(&mut self) -> Option<EventReader> {
-        let (events, oom) = self.events.take()?;
-        EventReader::new(events, oom).ok()
+        let (events, oom, gpu) = self.events.take()?;
+        EventReader::new(events, oom, gpu).ok()
+    }
+
+    /// The NVIDIA probes' maps.
+    pub fn nvidia(&mut self) -> &mut nvidia::NvidiaMaps {
+        &mut self.nvidia
     }
 }
 
-/// Reads the probes' two ring buffers: OOM kills, which have one of their own, and the rest.
+/// Reads the probes' three ring buffers: OOM kills, which have one of their own, the NVIDIA
+/// RM ioctl records, and the rest.
 pub struct EventReader {
     events: RingBuf<MapData>,
     oom: RingBuf<MapData>,
-    /// An epoll instance watching both rings: readable when either is.
+    gpu: RingBuf<MapData>,
+    /// An epoll instance watching the rings: readable when any is.
     epoll: std::os::fd::OwnedFd,
 }
 
 impl EventReader {
-    fn new(events: RingBuf<MapData>, oom: RingBuf<MapData>) -> io::Result<EventReader> {
+    fn new(
+        events: RingBuf<MapData>,
+        oom: RingBuf<MapData>,
+        gpu: RingBuf<MapData>,
+    ) -> io::Result<EventReader> {
         use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _};
         // SAFETY: epoll_create1 has no preconditions; the fd is owned from here on.
         let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
@@ -408,7 +430,7 @@ impl EventReader {
         }
         // SAFETY: a fresh fd that nothing else owns.
         let epoll = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
-        for ring in [events.as_fd(), oom.as_fd()] {
+        for ring in [events.as_fd(), oom.as_fd(), gpu.as_fd()] {
             let mut interest = libc::epoll_event {
                 events: libc::EPOLLIN as u32,
                 u64: ring.as_raw_fd() as u64,
@@ -421,7 +443,18 @@ impl EventReader {
                 return Err(io::Error::last_os_error());
             }
         }
-        Ok(EventReader { events, oom, epoll })
+        Ok(EventReader {
+            events,
+            oom,
+            gpu,
+            epoll,
+        })
+    }
+
+    /// Takes every waiting NVIDIA RM ioctl record, and the count of records too short to
+    /// decode. Drain it before [`EventReader::drain`]: a process's ioctls precede its exit.
+    pub fn drain_gpu(&mut self) -> (Vec<infermem_common::GpuIoctl>, usize) {
+        nvidia::drain(&mut self.gpu)
     }
 
     /// Decodes every event waiting in both buffers, OOM kills first; undecodable records are
@@ -440,7 +473,7 @@ impl EventReader {
         (decoded, undecodable)
     }
 
-    /// A file descriptor that is readable when either ring buffer has events (an epoll
+    /// A file descriptor that is readable when any ring buffer has events (an epoll
     /// instance), to wait on with epoll (e.g. tokio's `AsyncFd`).
     pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         use std::os::fd::AsFd as _;
