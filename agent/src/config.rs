@@ -32,6 +32,8 @@ pub struct AgentConfig {
     pub hooks: crate::act::hooks::HooksConfig,
     /// `[export]`: the Prometheus endpoint and OpenTelemetry (`docs/metrics.md`).
     pub export: crate::export::ExportConfig,
+    /// `[gpu]`: the NVIDIA driver version to decode ioctls with, and NVML (`docs/gpu.md`).
+    pub gpu: crate::gpu::GpuConfig,
 }
 
 /// `[api]`: the local socket and who may see what.

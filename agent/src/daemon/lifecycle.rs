@@ -111,6 +111,7 @@ fn settings(config: &AgentConfig) -> Settings {
         max_processes: config.collect.max_processes,
         policy: config.policy.clone(),
         hooks: config.hooks.clone(),
+        gpu: config.gpu.clone(),
     }
 }
 

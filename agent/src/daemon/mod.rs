@@ -73,6 +73,8 @@ pub struct Settings {
     pub policy: crate::policy::PolicyConfig,
     /// Alert commands and webhooks.
     pub hooks: crate::act::hooks::HooksConfig,
+    /// The NVIDIA driver and NVML (read at start; a reload does not change them).
+    pub gpu: crate::gpu::GpuConfig,
 }
 
 impl Default for Settings {
@@ -86,6 +88,7 @@ impl Default for Settings {
             max_processes: 65_536,
             policy: crate::policy::PolicyConfig::default(),
             hooks: crate::act::hooks::HooksConfig::default(),
+            gpu: crate::gpu::GpuConfig::default(),
         }
     }
 }

@@ -15,6 +15,32 @@ pub mod layout;
 pub mod nvml;
 pub mod objects;
 
+use fds::FdCheck;
+
+/// `[gpu]` in the agent's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuConfig {
+    /// The NVIDIA driver version whose layouts decode the ioctls: "auto" reads
+    /// `/sys/module/nvidia/version`; a version ("550.54.14") overrides it, for hosts where the
+    /// module's version file is hidden (some containers) and for tests.
+    pub driver_version: String,
+    /// How fds found in `/proc` at start are recognised as NVIDIA fds.
+    pub fd_check: FdCheck,
+    /// Read NVML (libnvidia-ml) when it is present.
+    pub nvml: bool,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        GpuConfig {
+            driver_version: "auto".to_owned(),
+            fd_check: FdCheck::Device,
+            nvml: true,
+        }
+    }
+}
+
 /// Marks an allocation whose device could not be resolved (its parent object was never seen).
 pub const UNKNOWN_DEVICE: u32 = u32::MAX;
 
@@ -33,4 +59,7 @@ pub struct ProcessGpu {
     /// Live host memory registered with or allocated by the driver (system memory and OS
     /// descriptors: pinned pages).
     pub host_pinned_bytes: u64,
+    /// The process held NVIDIA fds before the agent started: allocations made then were not
+    /// seen, so the ioctl figure can be short of the truth (NVML's is not).
+    pub ioctl_partial: bool,
 }
