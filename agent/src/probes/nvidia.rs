@@ -21,9 +21,15 @@ impl NvidiaMaps {
             .map_err(io::Error::other)
     }
 
-    /// Drops every NVIDIA fd of `tgid` (the process exited); returns how many there were.
-    pub fn forget_process(&mut self, tgid: u32) -> usize {
-        let keys: Vec<NvidiaFdKey> = self.fds.keys().flatten().filter(|k| k.tgid == tgid).collect();
+    /// Drops every NVIDIA fd of the processes in `tgids` (they exited); returns how many
+    /// there were. One pass over the map, which holds only NVIDIA fds.
+    pub fn forget_processes(&mut self, tgids: &std::collections::HashSet<u32>) -> usize {
+        let keys: Vec<NvidiaFdKey> = self
+            .fds
+            .keys()
+            .flatten()
+            .filter(|k| tgids.contains(&k.tgid))
+            .collect();
         keys.iter().filter(|k| self.fds.remove(k).is_ok()).count()
     }
 
