@@ -13,6 +13,7 @@
 //! - [`hysteresis`]: levels that do not flip on one burst.
 
 pub mod domain;
+pub mod gpu;
 pub mod hysteresis;
 pub mod thrash;
 pub mod trend;
