@@ -175,14 +175,16 @@ pub async fn inspect(options: &InspectOptions) -> Result<InspectReport, InspectE
         start_mapping_faults.clear();
     }
 
-    report::build_report(
+    let mut report = report::build_report(
         &state,
         probes.as_ref(),
         reason,
         (&start, &end),
         &start_mapping_faults,
         &risk,
-    )
+    )?;
+    report.gpu = crate::gpu::from_nvml(pid);
+    Ok(report)
 }
 
 /// Drains events until `duration` has passed or the process is gone.

@@ -45,7 +45,7 @@ impl Default for GpuConfig {
 pub const UNKNOWN_DEVICE: u32 = u32::MAX;
 
 /// GPU memory of one process on one device, as `inspect` reports it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ProcessGpu {
     /// The device: its RM device instance, which is `N` of `/dev/nvidiaN` and NVML's minor
     /// number ([`UNKNOWN_DEVICE`] when unresolved).
@@ -62,4 +62,22 @@ pub struct ProcessGpu {
     /// The process held NVIDIA fds before the agent started: allocations made then were not
     /// seen, so the ioctl figure can be short of the truth (NVML's is not).
     pub ioctl_partial: bool,
+}
+
+/// A process's GPU memory from NVML alone, for standalone commands, which have no ioctl
+/// history (`vram_bytes_ioctl` stays None). Empty without NVML.
+pub fn from_nvml(pid: u32) -> Vec<ProcessGpu> {
+    let Ok(snapshot) = nvml::Nvml::open().and_then(|nvml| nvml.snapshot()) else {
+        return Vec::new();
+    };
+    nvml::process_vram(&snapshot, pid)
+        .into_iter()
+        .map(|(device, bytes)| ProcessGpu {
+            device,
+            vram_bytes_ioctl: None,
+            vram_bytes_nvml: bytes,
+            host_pinned_bytes: 0,
+            ioctl_partial: false,
+        })
+        .collect()
 }

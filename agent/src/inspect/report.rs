@@ -56,6 +56,7 @@ pub(super) fn build_report(
         allocations: allocation_reports(state),
         model,
         risk: Some(risk),
+        gpu: Vec::new(),
         sources: SourcesReport {
             ebpf: probes.is_some(),
             reason,

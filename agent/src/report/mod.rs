@@ -39,6 +39,11 @@ pub struct InspectReport {
     /// The predictor's verdict over the window: level, time to OOM, the domain that runs out,
     /// the OOM killer's victim, thrashing and the reasons (see docs/predictor.md).
     pub risk: Option<Assessment>,
+    /// GPU memory per device: what the probes saw allocated through the NVIDIA driver's RM
+    /// ioctls (through the agent only: a standalone run saw none of the history) and NVML's
+    /// figure. Empty without an NVIDIA GPU or when the process holds no GPU memory.
+    #[serde(default)]
+    pub gpu: Vec<crate::gpu::ProcessGpu>,
     pub sources: SourcesReport,
 }
 

@@ -132,6 +132,7 @@ pub fn render(report: &InspectReport) -> String {
         risk_lines(w, risk);
     }
 
+    gpu_lines(w, &report.gpu);
     let s = &report.sources;
     if s.ebpf {
         let drops: u64 = s.probes.iter().map(|p| p.ringbuf_drops + p.map_drops).sum();
@@ -148,6 +149,26 @@ pub fn render(report: &InspectReport) -> String {
         );
     }
     escape_lines(&out)
+}
+
+/// One line per GPU the process holds memory on.
+fn gpu_lines(w: &mut String, gpus: &[crate::gpu::ProcessGpu]) {
+    let bytes = |b: Option<u64>| b.map_or("-".to_owned(), format_bytes);
+    for g in gpus {
+        let device = if g.device == crate::gpu::UNKNOWN_DEVICE {
+            "?".to_owned()
+        } else {
+            g.device.to_string()
+        };
+        let _ = writeln!(
+            w,
+            "gpu {device}    VRAM {} (RM ioctls{}), {} (NVML); host pinned {}",
+            bytes(g.vram_bytes_ioctl),
+            if g.ioctl_partial { ", since the agent started" } else { "" },
+            bytes(g.vram_bytes_nvml),
+            format_bytes(g.host_pinned_bytes)
+        );
+    }
 }
 
 /// The predictor's verdict: level, time to OOM with its range, domain, victim, reasons.
