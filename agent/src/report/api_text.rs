@@ -9,22 +9,22 @@ use serde::Serialize;
 use super::text::escape;
 use crate::{
     api::proto::{
-        Assessment, CgroupStatus, DaemonInfo, HostStatus, OomKill, PsReply, StatusReply,
-        WatchUpdate, Workload,
+        Assessment, CgroupStatus, DaemonInfo, GpuDevice, GpuStatus, HostStatus, OomKill, PsReply,
+        StatusReply, UnknownClass, WatchUpdate, Workload,
     },
     units::format_bytes,
 };
 
 /// The column headers of `ps`.
-const PS_HEADER: [&str; 8] = [
-    "PID", "RUNTIME", "MODEL", "WEIGHTS", "KV", "RSS", "LEVEL", "ETA",
+const PS_HEADER: [&str; 9] = [
+    "PID", "RUNTIME", "MODEL", "WEIGHTS", "KV", "RSS", "GPU", "LEVEL", "ETA",
 ];
 
 /// The indentation of a section's continuation lines.
 const INDENT: &str = "          ";
 
 /// `ps`: one line per workload (pid, runtime, model file, weights resident/size, KV cache
-/// now/max, RSS, risk level and time to OOM), or a line saying there are none.
+/// now/max, RSS, GPU memory, risk level and time to OOM), or a line saying there are none.
 pub fn render_ps(reply: &PsReply) -> String {
     if reply.workloads.is_empty() {
         return "no AI workloads are tracked\n".to_owned();
@@ -60,9 +60,47 @@ fn ps_row(w: &Workload) -> Vec<String> {
         weights,
         kv,
         format_bytes(w.rss_bytes),
+        workload_vram(w).map_or_else(|| "-".to_owned(), |vram| vram.to_string()),
         level(w.risk.as_ref()),
         eta(w.risk.as_ref()),
     ]
+}
+
+/// A workload's video memory over all its GPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Vram {
+    pub bytes: u64,
+    /// An ioctl figure in the sum misses allocations made before the agent started.
+    pub at_least: bool,
+}
+
+impl std::fmt::Display for Vram {
+    /// `6.00 GiB`, or `≥6.00 GiB` when it is a lower bound.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let bound = if self.at_least { "≥" } else { "" };
+        write!(f, "{bound}{}", format_bytes(self.bytes))
+    }
+}
+
+/// A workload's video memory over all its GPUs: on each device the ioctl figure, else
+/// NVML's; `None` when no device has either.
+pub fn workload_vram(w: &Workload) -> Option<Vram> {
+    w.gpu
+        .iter()
+        .filter_map(|g| match (g.vram_bytes_ioctl, g.vram_bytes_nvml) {
+            (Some(bytes), _) => Some(Vram {
+                bytes,
+                at_least: g.ioctl_partial,
+            }),
+            (None, nvml) => nvml.map(|bytes| Vram {
+                bytes,
+                at_least: false,
+            }),
+        })
+        .reduce(|a, b| Vram {
+            bytes: a.bytes.saturating_add(b.bytes),
+            at_least: a.at_least || b.at_least,
+        })
 }
 
 /// Left-aligned columns two spaces apart, the header first.
@@ -87,7 +125,7 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-/// `status`: the host, each memory cgroup, recent OOM kills and the agent itself.
+/// `status`: the host, each memory cgroup, recent OOM kills, the GPUs and the agent itself.
 pub fn render_status(reply: &StatusReply) -> String {
     let mut out = String::new();
     match &reply.host {
@@ -96,6 +134,9 @@ pub fn render_status(reply: &StatusReply) -> String {
     }
     cgroups_section(&mut out, &reply.cgroups);
     oom_section(&mut out, &reply.oom_kills);
+    if let Some(gpu) = &reply.gpu {
+        gpu_section(&mut out, gpu);
+    }
     if let Some(daemon) = &reply.daemon {
         daemon_section(&mut out, daemon);
     }
@@ -183,6 +224,119 @@ fn oom_section(out: &mut String, kills: &[OomKill]) {
             maybe_bytes(k.rss_file_bytes),
             k.uid.map(|uid| format!(", uid {uid}")).unwrap_or_default(),
         );
+    }
+}
+
+/// The GPUs: what the probes do and why, the driver and layout, the probes' counters, each
+/// device, and NVML's absence.
+fn gpu_section(out: &mut String, gpu: &GpuStatus) {
+    let mut line = format!("gpu       {}", escape(&gpu.state));
+    if !gpu.message.is_empty() {
+        let _ = write!(line, ": {}", escape(&gpu.message));
+    }
+    let _ = writeln!(out, "{line}");
+    if !gpu.driver_version.is_empty() || !gpu.layout.is_empty() {
+        let _ = writeln!(
+            out,
+            "{INDENT}driver {}, layout {}",
+            or_unknown(&gpu.driver_version),
+            or_unknown(&gpu.layout),
+        );
+    }
+    if let Some(counts) = ioctl_counts(gpu) {
+        let _ = writeln!(out, "{INDENT}{counts}");
+    }
+    if !gpu.unknown_classes.is_empty() {
+        let _ = writeln!(
+            out,
+            "{INDENT}unknown classes (not sized): {}",
+            unknown_classes(&gpu.unknown_classes)
+        );
+    }
+    if !gpu.nvml_error.is_empty() {
+        let _ = writeln!(out, "{INDENT}NVML not used: {}", escape(&gpu.nvml_error));
+    }
+    for device in &gpu.devices {
+        device_lines(out, device);
+    }
+}
+
+/// `ioctls N decoded` and the refused, undecodable and dropped ones that are not 0; nothing
+/// when no ioctl was seen at all.
+fn ioctl_counts(gpu: &GpuStatus) -> Option<String> {
+    let others = [
+        (gpu.ioctls_refused, "refused by RM"),
+        (gpu.ioctls_undecodable, "undecodable"),
+        (gpu.ringbuf_drops, "dropped (figures incomplete)"),
+    ];
+    if gpu.ioctls_decoded == 0 && others.iter().all(|(n, _)| *n == 0) {
+        return None;
+    }
+    let mut line = format!("ioctls {} decoded", gpu.ioctls_decoded);
+    for (n, what) in others.into_iter().filter(|(n, _)| *n != 0) {
+        let _ = write!(line, ", {n} {what}");
+    }
+    Some(line)
+}
+
+/// `0x0000c86f (3 objects), ...`.
+fn unknown_classes(classes: &[UnknownClass]) -> String {
+    let parts: Vec<String> = classes
+        .iter()
+        .map(|c| format!("{:#010x} ({} objects)", c.class_id, c.objects))
+        .collect();
+    parts.join(", ")
+}
+
+/// One GPU: its name and uuid, NVML's memory and utilization, then the ioctl sum and how far
+/// NVML is from it.
+fn device_lines(out: &mut String, d: &GpuDevice) {
+    let nvml = match (d.total_bytes, d.used_bytes, d.free_bytes) {
+        (None, None, None) => "memory unknown to NVML".to_owned(),
+        (total, used, free) => format!(
+            "memory {} total, {} used, {} free",
+            maybe_bytes(total),
+            maybe_bytes(used),
+            maybe_bytes(free)
+        ),
+    };
+    let utilization = d
+        .utilization_percent
+        .map(|p| format!("; utilization {p}%"))
+        .unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "  gpu {} {} ({}): {nvml}{utilization}",
+        d.device,
+        or_unknown(&d.name),
+        or_unknown(&d.uuid),
+    );
+    let mut line = format!("{INDENT}ioctls {} live", format_bytes(d.vram_bytes_ioctl));
+    if let Some(processes) = d.vram_bytes_nvml_processes {
+        let _ = write!(line, "; NVML per process {}", format_bytes(processes));
+    }
+    if let Some(difference) = d.nvml_minus_ioctl_bytes {
+        let _ = write!(line, "; NVML used - ioctls {}", signed_bytes(difference));
+    }
+    let _ = writeln!(out, "{line}");
+}
+
+/// `+512 MiB`, `-1.00 GiB`, `0 B`.
+fn signed_bytes(bytes: i64) -> String {
+    let sign = match bytes.signum() {
+        1 => "+",
+        -1 => "-",
+        _ => "",
+    };
+    format!("{sign}{}", format_bytes(bytes.unsigned_abs()))
+}
+
+/// `text` escaped, `?` when empty.
+fn or_unknown(text: &str) -> String {
+    if text.is_empty() {
+        "?".to_owned()
+    } else {
+        escape(text).into_owned()
     }
 }
 

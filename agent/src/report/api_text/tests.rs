@@ -1,4 +1,5 @@
 use super::*;
+use crate::api::proto::ProcessGpu;
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
@@ -77,7 +78,67 @@ fn ps_without_workloads_says_so_and_unknowns_are_marked() {
     };
     let row = render_ps(&bare).lines().nth(1).unwrap().to_owned();
     let cells: Vec<&str> = row.split_whitespace().collect();
-    assert_eq!(cells, ["1", "unknown", "-", "-", "?/?", "0", "B", "?", "-"]);
+    assert_eq!(
+        cells,
+        ["1", "unknown", "-", "-", "?/?", "0", "B", "-", "?", "-"]
+    );
+}
+
+fn on_gpu(device: u32, ioctl: Option<u64>, nvml: Option<u64>) -> ProcessGpu {
+    ProcessGpu {
+        device,
+        vram_bytes_ioctl: ioctl,
+        vram_bytes_nvml: nvml,
+        host_pinned_bytes: 64 * MIB,
+        ioctl_partial: false,
+    }
+}
+
+#[test]
+fn ps_shows_gpu_memory_summed_over_devices_ioctls_first() {
+    let gpu = vec![
+        on_gpu(0, Some(6 * GIB), Some(7 * GIB)),
+        on_gpu(1, None, Some(GIB)),
+        on_gpu(2, None, None),
+    ];
+    let w = Workload { gpu, ..workload() };
+    let exact = Vram {
+        bytes: 7 * GIB,
+        at_least: false,
+    };
+    assert_eq!(workload_vram(&w), Some(exact), "6 GiB ioctl + 1 GiB NVML");
+    let reply = PsReply {
+        workloads: vec![w],
+        daemon: None,
+    };
+    let text = render_ps(&reply);
+    let lines: Vec<&str> = text.lines().collect();
+    let at = lines[0].find("GPU").unwrap();
+    assert!(lines[1][at..].starts_with("7.00 GiB  elevated"), "{text}");
+    assert_eq!(lines[0].find("LEVEL"), lines[1].find("elevated"), "{text}");
+    let nothing = Workload {
+        gpu: vec![on_gpu(0, None, None)],
+        ..workload()
+    };
+    assert_eq!(workload_vram(&nothing), None);
+    assert_eq!(workload_vram(&workload()), None);
+}
+
+#[test]
+fn a_partial_ioctl_figure_is_a_lower_bound() {
+    let seen_late = ProcessGpu {
+        ioctl_partial: true,
+        ..on_gpu(0, Some(GIB), Some(2 * GIB))
+    };
+    let nvml_only = ProcessGpu {
+        ioctl_partial: true,
+        ..on_gpu(1, None, Some(GIB))
+    };
+    let w = |gpu| Workload { gpu, ..workload() };
+    let vram = workload_vram(&w(vec![seen_late, on_gpu(1, None, Some(GIB))])).unwrap();
+    assert_eq!(vram.to_string(), "≥2.00 GiB");
+    let vram = workload_vram(&w(vec![nvml_only])).unwrap();
+    assert_eq!(vram.to_string(), "1.00 GiB", "NVML sees it all");
 }
 
 #[test]
@@ -162,6 +223,106 @@ fn status_shows_host_cgroups_kills_and_agent() {
         .map(|s| text.find(s).unwrap())
         .collect();
     assert!(sections.is_sorted(), "{text}");
+}
+
+fn tracking() -> GpuStatus {
+    GpuStatus {
+        state: "tracking".into(),
+        message: "RM ioctls decoded\x1b[2J".into(),
+        driver_version: "550.54.14".into(),
+        layout: "r535 (checked against 535.104.05, 550.54.14)".into(),
+        devices: vec![GpuDevice {
+            device: 0,
+            name: "NVIDIA H200".into(),
+            uuid: "GPU-1234".into(),
+            total_bytes: Some(140 * GIB),
+            used_bytes: Some(10 * GIB),
+            free_bytes: Some(130 * GIB),
+            utilization_percent: Some(37),
+            vram_bytes_ioctl: 9 * GIB,
+            vram_bytes_nvml_processes: Some(9 * GIB + 512 * MIB),
+            nvml_minus_ioctl_bytes: Some(1 << 30),
+        }],
+        ioctls_decoded: 1234,
+        ioctls_refused: 2,
+        ringbuf_drops: 0,
+        unknown_classes: vec![UnknownClass {
+            class_id: 0xc86f,
+            objects: 3,
+        }],
+        nvml_error: String::new(),
+        ioctls_undecodable: 1,
+    }
+}
+
+#[test]
+fn status_shows_the_gpus_the_driver_and_the_probes() {
+    let reply = StatusReply {
+        gpu: Some(tracking()),
+        daemon: Some(DaemonInfo::default()),
+        ..Default::default()
+    };
+    let text = render_status(&reply);
+    let gpu: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("gpu "))
+        .take_while(|l| !l.starts_with("agent "))
+        .collect();
+    assert_eq!(
+        gpu,
+        [
+            "gpu       tracking: RM ioctls decoded\\x1b[2J",
+            "          driver 550.54.14, layout r535 (checked against 535.104.05, 550.54.14)",
+            "          ioctls 1234 decoded, 2 refused by RM, 1 undecodable",
+            "          unknown classes (not sized): 0x0000c86f (3 objects)",
+            "  gpu 0 NVIDIA H200 (GPU-1234): memory 140 GiB total, 10.0 GiB used, 130 GiB free; \
+             utilization 37%",
+            "          ioctls 9.00 GiB live; NVML per process 9.50 GiB; NVML used - ioctls +1.00 GiB",
+        ],
+        "{text}"
+    );
+    assert!(text.find("oom kills") < text.find("gpu "), "{text}");
+}
+
+#[test]
+fn status_says_when_there_is_no_gpu_or_no_nvml() {
+    let none = GpuStatus {
+        state: "no_gpu".into(),
+        message: "no NVIDIA GPU (no driver loaded)".into(),
+        ..Default::default()
+    };
+    let text = render_status(&StatusReply {
+        gpu: Some(none),
+        ..Default::default()
+    });
+    assert!(
+        text.ends_with("gpu       no_gpu: no NVIDIA GPU (no driver loaded)\n"),
+        "{text}"
+    );
+    let mut blind = tracking();
+    blind.nvml_error = "libnvidia-ml not found".into();
+    blind.ioctls_refused = 0;
+    blind.ioctls_undecodable = 0;
+    blind.ringbuf_drops = 5;
+    blind.unknown_classes.clear();
+    let device = &mut blind.devices[0];
+    (device.total_bytes, device.used_bytes, device.free_bytes) = (None, None, None);
+    device.utilization_percent = None;
+    device.vram_bytes_nvml_processes = None;
+    device.nvml_minus_ioctl_bytes = Some(-(512 * MIB as i64));
+    let text = render_status(&StatusReply {
+        gpu: Some(blind),
+        ..Default::default()
+    });
+    for part in [
+        "          ioctls 1234 decoded, 5 dropped (figures incomplete)\n",
+        "          NVML not used: libnvidia-ml not found\n",
+        "  gpu 0 NVIDIA H200 (GPU-1234): memory unknown to NVML\n",
+        "          ioctls 9.00 GiB live; NVML used - ioctls -512 MiB\n",
+    ] {
+        assert!(text.contains(part), "{part:?} in\n{text}");
+    }
+    assert!(!text.contains("unknown classes"), "{text}");
 }
 
 #[test]
