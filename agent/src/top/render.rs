@@ -1,6 +1,7 @@
 //! The screen of `infermem top`, drawn from a [`Model`] alone: a header (host memory and
-//! risk, the agent, the refresh), the workloads with their memory bars, risk and ETA, the
-//! recent events (OOM kills, actions in force), or one process's inspect report; a key line.
+//! risk, the agent, the refresh), the workloads with their memory bars, GPU memory, risk and
+//! ETA, the recent events (OOM kills, actions in force), or one process's inspect report; a
+//! key line.
 //! Text from processes and files is escaped.
 
 use ratatui::{
@@ -14,7 +15,10 @@ use ratatui::{
 use super::model::{Actions, Data, Inspect, InspectBody, Model, View, display_name};
 use crate::{
     api::proto,
-    report::{api_text::format_eta, text::escape},
+    report::{
+        api_text::{format_eta, workload_vram},
+        text::escape,
+    },
     units::format_bytes,
 };
 
@@ -35,8 +39,8 @@ const BAR_EIGHTHS: [Option<char>; 8] = [
     Some('▊'),
     Some('▉'),
 ];
-/// The GPU column until per-process GPU memory exists.
-const NO_GPU: &str = "–";
+/// Cells of the GPU column: `≥1023 MiB` fits.
+const GPU_WIDTH: u16 = 10;
 
 const TABLE_HEADER: [&str; 11] = [
     "PID", "NAME", "RUNTIME", "MODEL", "WEIGHTS", "KV", "ANON", "GPU", "RISK", "ETA", "THRASH",
@@ -127,7 +131,7 @@ fn render_table(frame: &mut Frame, area: Rect, model: &Model) {
         Constraint::Length(bytes_pair),
         Constraint::Length(bytes_pair),
         Constraint::Length((BAR_WIDTH + 10) as u16),
-        Constraint::Length(3),
+        Constraint::Length(GPU_WIDTH),
         Constraint::Length(8),
         Constraint::Length(7),
         Constraint::Length(6),
@@ -180,7 +184,7 @@ fn workload_row(w: &proto::Workload, host_limit: u64) -> Row<'static> {
         Cell::from(weights.unwrap_or_else(|| Line::from("-"))),
         Cell::from(kv.unwrap_or_else(|| Line::from("-"))),
         Cell::from(anon),
-        Cell::from(NO_GPU),
+        Cell::from(workload_vram(w).map_or_else(|| "-".to_owned(), |vram| vram.to_string())),
         Cell::from(Line::from(level(w.risk.as_ref()))),
         Cell::from(eta.map_or_else(|| "-".to_owned(), format_eta)),
         Cell::from(if thrashing {

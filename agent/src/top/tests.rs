@@ -37,7 +37,8 @@ fn workload(pid: u32, name: &str, level: &str, eta_seconds: Option<f64>) -> prot
 }
 
 /// llama-server (pid 1717): critical, 42 s to OOM, half its 4 GiB of weights resident, KV
-/// 512 MiB of 1 GiB. ollama (pid 4242): ok, its 8 GiB all resident, the larger footprint.
+/// 512 MiB of 1 GiB, 5 GiB on GPU 0 by the ioctls (NVML says more) and 1 GiB on GPU 1 by
+/// NVML alone. ollama (pid 4242): ok, its 8 GiB all resident, the larger footprint, no GPU.
 fn data() -> Data {
     let llama = proto::Workload {
         runtime: "llama-cpp".into(),
@@ -48,6 +49,19 @@ fn data() -> Data {
         kv_bytes_max: Some(GIB),
         anon_bytes: 600 * MIB,
         rss_bytes: 2 * GIB + 600 * MIB,
+        gpu: vec![
+            proto::ProcessGpu {
+                device: 0,
+                vram_bytes_ioctl: Some(5 * GIB),
+                vram_bytes_nvml: Some(5 * GIB + 300 * MIB),
+                ..Default::default()
+            },
+            proto::ProcessGpu {
+                device: 1,
+                vram_bytes_nvml: Some(GIB),
+                ..Default::default()
+            },
+        ],
         ..workload(1717, "llama-server", "critical", Some(42.0))
     };
     let ollama = proto::Workload {
@@ -147,7 +161,6 @@ fn the_table_shows_each_workload_with_its_bars_level_and_eta() {
         "████░░░░ 2.00 GiB/4.00 GiB",
         "████░░░░ 512 MiB/1.00 GiB",
         "▎░░░░░░░ 600 MiB",
-        "–",
         "critical",
         "42s",
     ] {
@@ -163,10 +176,30 @@ fn the_table_shows_each_workload_with_its_bars_level_and_eta() {
         assert!(ollama.contains(expected), "{expected:?} not in {ollama:?}");
     }
     assert!(!ollama.contains("critical"), "{ollama}");
+    let (header, gpu) = find(&screen, "GPU ").expect("the GPU column");
+    let cell = |row: &str| -> String { row.chars().skip(usize::from(gpu)).take(10).collect() };
+    assert_eq!(cell(&llama), "6.00 GiB  ", "5 GiB ioctl + 1 GiB NVML");
+    assert_eq!(cell(&ollama), "-         ", "no GPU memory");
+    assert!(header < find(&screen, "llama-server").unwrap().0);
     let (y, x) = find(&screen, "critical").expect("the critical level");
     assert_eq!(screen[(x, y)].fg, Color::Red, "critical is red");
     let (y, x) = find(&screen, " ok ").expect("the ok level");
     assert_eq!(screen[(x + 1, y)].fg, Color::Green, "ok is green");
+}
+
+#[test]
+fn a_gpu_figure_that_misses_early_allocations_is_a_lower_bound() {
+    let mut model = model();
+    let llama = model
+        .data
+        .workloads
+        .iter_mut()
+        .find(|w| w.pid == 1717)
+        .unwrap();
+    llama.gpu[0].ioctl_partial = true;
+    let screen = draw(&model);
+    let llama = row_of(&screen, "llama-server");
+    assert!(llama.contains(" ≥6.00 GiB "), "{llama}");
 }
 
 #[test]
