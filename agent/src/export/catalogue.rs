@@ -52,6 +52,12 @@ pub enum Attr {
     MemoryState,
     PagingState,
     PressureKind,
+    GpuId,
+    GpuModel,
+    IoctlResult,
+    GpuClass,
+    GpuState,
+    DriverVersion,
 }
 
 impl Attr {
@@ -69,6 +75,12 @@ impl Attr {
             Attr::MemoryState => "system.memory.state",
             Attr::PagingState => "system.paging.state",
             Attr::PressureKind => "infermem.pressure",
+            Attr::GpuId => "hw.id",
+            Attr::GpuModel => "hw.model",
+            Attr::IoctlResult => "infermem.gpu.ioctl.result",
+            Attr::GpuClass => "infermem.gpu.class",
+            Attr::GpuState => "infermem.gpu.state",
+            Attr::DriverVersion => "hw.driver_version",
         }
     }
 
@@ -85,6 +97,12 @@ impl Attr {
             Attr::FaultType => "type",
             Attr::MemoryState | Attr::PagingState => "state",
             Attr::PressureKind => "kind",
+            Attr::GpuId => "gpu",
+            Attr::GpuModel => "gpu_model",
+            Attr::IoctlResult => "result",
+            Attr::GpuClass => "class",
+            Attr::GpuState => "state",
+            Attr::DriverVersion => "driver_version",
         }
     }
 }
@@ -189,6 +207,24 @@ pub const PROCESS_THRASHING: Metric = Metric::new(
     Gauge,
     "1 while the process's model weights are being faulted back in.",
 );
+pub const PROCESS_GPU_MEMORY_USAGE: Metric = Metric::new(
+    "infermem.process.gpu.memory.usage",
+    "By",
+    UpDownCounter,
+    "Video memory the process holds on the GPU, from the NVIDIA driver's ioctls (eBPF).",
+);
+pub const PROCESS_GPU_MEMORY_NVML_USAGE: Metric = Metric::new(
+    "infermem.process.gpu.memory.nvml.usage",
+    "By",
+    UpDownCounter,
+    "Video memory of the process on the GPU as NVML reports it.",
+);
+pub const PROCESS_GPU_HOST_PINNED: Metric = Metric::new(
+    "infermem.process.gpu.host_pinned",
+    "By",
+    UpDownCounter,
+    "Host memory the process allocated or pinned through the NVIDIA driver (eBPF).",
+);
 pub const SYSTEM_MEMORY_LIMIT: Metric = Metric::new(
     "system.memory.limit",
     "By",
@@ -236,6 +272,57 @@ pub const HOST_RISK_ETA: Metric = Metric::new(
     "s",
     Gauge,
     "Predicted time until the host runs out of memory.",
+);
+pub const GPU_STATUS: Metric = Metric::new(
+    "infermem.gpu.status",
+    "1",
+    Gauge,
+    "1, with what the NVIDIA probes do: no_gpu, tracking, unknown_driver or probes_off, \
+     and the driver version.",
+);
+pub const GPU_MEMORY_USAGE: Metric = Metric::new(
+    "hw.gpu.memory.usage",
+    "By",
+    UpDownCounter,
+    "Memory used on the GPU (NVML).",
+);
+pub const GPU_MEMORY_LIMIT: Metric = Metric::new(
+    "hw.gpu.memory.limit",
+    "By",
+    UpDownCounter,
+    "Memory of the GPU (NVML).",
+);
+pub const GPU_UTILIZATION: Metric = Metric::new(
+    "hw.gpu.utilization",
+    "1",
+    Gauge,
+    "Fraction of time the GPU was busy over NVML's last sample period.",
+);
+pub const GPU_MEMORY_IOCTL_USAGE: Metric = Metric::new(
+    "infermem.gpu.memory.ioctl.usage",
+    "By",
+    UpDownCounter,
+    "Video memory on the GPU of every process, from the NVIDIA driver's ioctls (eBPF).",
+);
+pub const GPU_MEMORY_NVML_MINUS_IOCTL: Metric = Metric::new(
+    "infermem.gpu.memory.nvml_minus_ioctl",
+    "By",
+    Gauge,
+    "NVML's used memory on the GPU minus the ioctl figure (driver reservations, contexts, \
+     allocations from before the agent started).",
+);
+pub const GPU_IOCTLS: Metric = Metric::new(
+    "infermem.gpu.ioctls",
+    "{ioctl}",
+    Counter,
+    "NVIDIA RM ioctls the probes saw, by result: decoded, refused (by RM), undecodable, \
+     dropped (not queued).",
+);
+pub const GPU_UNKNOWN_CLASS_OBJECTS: Metric = Metric::new(
+    "infermem.gpu.unknown_class.objects",
+    "{object}",
+    Counter,
+    "RM objects of classes the decoder does not size, by class id.",
 );
 pub const CGROUP_MEMORY_USAGE: Metric = Metric::new(
     "infermem.cgroup.memory.usage",
@@ -308,6 +395,9 @@ pub const METRICS: &[&Metric] = &[
     &PROCESS_RISK_LEVEL,
     &PROCESS_RISK_ETA,
     &PROCESS_THRASHING,
+    &PROCESS_GPU_MEMORY_USAGE,
+    &PROCESS_GPU_MEMORY_NVML_USAGE,
+    &PROCESS_GPU_HOST_PINNED,
     &SYSTEM_MEMORY_LIMIT,
     &SYSTEM_MEMORY_USAGE,
     &SYSTEM_MEMORY_AVAILABLE,
@@ -316,6 +406,14 @@ pub const METRICS: &[&Metric] = &[
     &HOST_MEMORY_PRESSURE,
     &HOST_RISK_LEVEL,
     &HOST_RISK_ETA,
+    &GPU_STATUS,
+    &GPU_MEMORY_USAGE,
+    &GPU_MEMORY_LIMIT,
+    &GPU_UTILIZATION,
+    &GPU_MEMORY_IOCTL_USAGE,
+    &GPU_MEMORY_NVML_MINUS_IOCTL,
+    &GPU_IOCTLS,
+    &GPU_UNKNOWN_CLASS_OBJECTS,
     &CGROUP_MEMORY_USAGE,
     &CGROUP_MEMORY_LIMIT,
     &CGROUP_OOM_KILLS,
@@ -346,6 +444,9 @@ pub fn families(view: &View) -> Vec<Family> {
     }
     if let Some(host) = &view.status.host {
         host_points(&mut points, host);
+    }
+    if let Some(gpu) = &view.status.gpu {
+        gpu_points(&mut points, gpu);
     }
     for cgroup in view.status.cgroups.iter().filter(|c| exported(c, &view.ps)) {
         cgroup_points(&mut points, cgroup);
@@ -455,6 +556,35 @@ fn process_points(points: &mut Points, w: &proto::Workload, command_line: bool) 
             f64::from(u8::from(risk.thrashing)),
         );
     }
+    for gpu in &w.gpu {
+        process_gpu_points(points, &attrs, gpu);
+    }
+}
+
+/// One process's memory on one GPU: the ioctl and NVML figures that are known, and the
+/// host memory it pinned.
+fn process_gpu_points(points: &mut Points, process: &[(Attr, String)], gpu: &proto::ProcessGpu) {
+    let attrs = with(process, Attr::GpuId, &gpu_id(gpu.device));
+    let known = [
+        (&PROCESS_GPU_MEMORY_USAGE, gpu.vram_bytes_ioctl),
+        (&PROCESS_GPU_MEMORY_NVML_USAGE, gpu.vram_bytes_nvml),
+        (&PROCESS_GPU_HOST_PINNED, Some(gpu.host_pinned_bytes)),
+    ];
+    for (metric, value) in known {
+        if let Some(value) = value {
+            points.add(metric, &attrs, value as f64);
+        }
+    }
+}
+
+/// The `hw.id` of an RM device instance: `nvidia<N>`, as its device node is named;
+/// `unknown` for an allocation whose device was not resolved.
+pub fn gpu_id(device: u32) -> String {
+    if device == crate::gpu::UNKNOWN_DEVICE {
+        "unknown".to_owned()
+    } else {
+        format!("nvidia{device}")
+    }
 }
 
 /// `attributes` and one more.
@@ -514,6 +644,67 @@ fn host_points(points: &mut Points, host: &proto::HostStatus) {
     }
     if let Some(risk) = &host.risk {
         risk_points(points, [&HOST_RISK_LEVEL, &HOST_RISK_ETA], &[], risk);
+    }
+}
+
+/// What the probes do, each GPU (NVML's figures, and the ioctl sum while the ioctls are
+/// decoded), and the probes' counters while they run.
+fn gpu_points(points: &mut Points, gpu: &proto::GpuStatus) {
+    let status = [
+        (Attr::GpuState, gpu.state.clone()),
+        (Attr::DriverVersion, gpu.driver_version.clone()),
+    ];
+    points.add(&GPU_STATUS, &status, 1.0);
+    let decoded = gpu.state == "tracking";
+    for device in &gpu.devices {
+        device_points(points, device, decoded);
+    }
+    if gpu.state == "no_gpu" || gpu.state == "probes_off" {
+        return;
+    }
+    let results = [
+        ("decoded", gpu.ioctls_decoded),
+        ("refused", gpu.ioctls_refused),
+        ("undecodable", gpu.ioctls_undecodable),
+        ("dropped", gpu.ringbuf_drops),
+    ];
+    for (result, count) in results {
+        let attrs = [(Attr::IoctlResult, result.to_owned())];
+        points.add(&GPU_IOCTLS, &attrs, count as f64);
+    }
+    for class in &gpu.unknown_classes {
+        let attrs = [(Attr::GpuClass, format!("{:#010x}", class.class_id))];
+        points.add(&GPU_UNKNOWN_CLASS_OBJECTS, &attrs, class.objects as f64);
+    }
+}
+
+/// One GPU's points; the ioctl sum only when `decoded` (it is 0, not unknown, in the reply).
+fn device_points(points: &mut Points, d: &proto::GpuDevice, decoded: bool) {
+    let attrs = [
+        (Attr::GpuId, gpu_id(d.device)),
+        (Attr::GpuModel, d.name.clone()),
+    ];
+    let bytes = |v: Option<u64>| v.map(|v| v as f64);
+    let known = [
+        (&GPU_MEMORY_USAGE, bytes(d.used_bytes)),
+        (&GPU_MEMORY_LIMIT, bytes(d.total_bytes)),
+        (
+            &GPU_UTILIZATION,
+            d.utilization_percent.map(|p| f64::from(p) / 100.0),
+        ),
+        (
+            &GPU_MEMORY_IOCTL_USAGE,
+            decoded.then_some(d.vram_bytes_ioctl as f64),
+        ),
+        (
+            &GPU_MEMORY_NVML_MINUS_IOCTL,
+            d.nvml_minus_ioctl_bytes.map(|v| v as f64),
+        ),
+    ];
+    for (metric, value) in known {
+        if let Some(value) = value {
+            points.add(metric, &attrs, value);
+        }
     }
 }
 

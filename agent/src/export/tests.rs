@@ -218,3 +218,211 @@ fn the_classic_text_format_names_counters_after_their_samples() {
     let samples = |t: &str| t.lines().filter(|l| !l.starts_with('#')).count();
     assert_eq!(samples(&text), samples(&open));
 }
+
+/// [`view`] on a GPU host: the workload holds 6 GiB on GPU 0 by the ioctls (NVML says 6.5),
+/// NVML alone sees its 1 GiB on GPU 1, and an allocation on an unresolved device; GPU 0 is
+/// known to NVML, GPU 1 is not.
+fn gpu_view(state: &str) -> View {
+    let mut view = view(false);
+    let on = |device, ioctl, nvml, pinned| proto::ProcessGpu {
+        device,
+        vram_bytes_ioctl: ioctl,
+        vram_bytes_nvml: nvml,
+        host_pinned_bytes: pinned,
+        ioctl_partial: false,
+    };
+    view.ps.workloads[0].gpu = vec![
+        on(0, Some(6 << 30), Some(13 << 29), 256 << 20),
+        on(1, None, Some(1 << 30), 0),
+        on(crate::gpu::UNKNOWN_DEVICE, Some(2 << 20), None, 0),
+    ];
+    let device = |device, name: &str| proto::GpuDevice {
+        device,
+        name: name.into(),
+        vram_bytes_ioctl: 6 << 30,
+        ..proto::GpuDevice::default()
+    };
+    view.status.gpu = Some(proto::GpuStatus {
+        state: state.into(),
+        driver_version: "550.54.14".into(),
+        devices: vec![
+            proto::GpuDevice {
+                total_bytes: Some(80 << 30),
+                used_bytes: Some(7 << 30),
+                free_bytes: Some(73 << 30),
+                utilization_percent: Some(37),
+                vram_bytes_nvml_processes: Some(13 << 29),
+                nvml_minus_ioctl_bytes: Some(-(1 << 20)),
+                ..device(0, "NVIDIA A100")
+            },
+            device(1, "NVIDIA L4"),
+        ],
+        ioctls_decoded: 1234,
+        ioctls_refused: 2,
+        ringbuf_drops: 3,
+        ioctls_undecodable: 4,
+        unknown_classes: vec![proto::UnknownClass {
+            class_id: 0xc86f,
+            objects: 5,
+        }],
+        ..proto::GpuStatus::default()
+    });
+    view
+}
+
+/// The points of `name` as (label of `attr`, value).
+fn by(families: &[Family], name: &str, attr: Attr) -> Vec<(String, f64)> {
+    family(families, name)
+        .points
+        .iter()
+        .map(|p| {
+            let label = p.attributes.iter().find(|(k, _)| *k == attr);
+            (label.map(|(_, v)| v.clone()).unwrap_or_default(), p.value)
+        })
+        .collect()
+}
+
+fn owned(points: &[(&str, f64)]) -> Vec<(String, f64)> {
+    points.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+}
+
+#[test]
+fn gpu_memory_becomes_process_and_device_points() {
+    let families = catalogue::families(&gpu_view("tracking"));
+    let gib = |n: f64| n * f64::from(1u32 << 30);
+    let ioctl = &family(&families, "infermem.process.gpu.memory.usage").points;
+    assert_eq!(
+        ioctl[0].attributes[..2],
+        [
+            (Attr::Pid, "42".to_owned()),
+            (Attr::Executable, "llama-server".to_owned())
+        ],
+        "a process series"
+    );
+    let process = |name| by(&families, name, Attr::GpuId);
+    assert_eq!(
+        process("infermem.process.gpu.memory.usage"),
+        owned(&[("nvidia0", gib(6.0)), ("unknown", f64::from(2u32 << 20))])
+    );
+    assert_eq!(
+        process("infermem.process.gpu.memory.nvml.usage"),
+        owned(&[("nvidia0", gib(6.5)), ("nvidia1", gib(1.0))])
+    );
+    assert_eq!(
+        process("infermem.process.gpu.host_pinned")[0],
+        ("nvidia0".to_owned(), f64::from(256u32 << 20))
+    );
+    let device = |name| by(&families, name, Attr::GpuId);
+    assert_eq!(
+        device("hw.gpu.memory.usage"),
+        owned(&[("nvidia0", gib(7.0))])
+    );
+    assert_eq!(
+        device("hw.gpu.memory.limit"),
+        owned(&[("nvidia0", gib(80.0))])
+    );
+    assert_eq!(device("hw.gpu.utilization"), owned(&[("nvidia0", 0.37)]));
+    assert_eq!(
+        device("infermem.gpu.memory.ioctl.usage"),
+        owned(&[("nvidia0", gib(6.0)), ("nvidia1", gib(6.0))])
+    );
+    assert_eq!(
+        device("infermem.gpu.memory.nvml_minus_ioctl"),
+        owned(&[("nvidia0", -f64::from(1u32 << 20))])
+    );
+    assert_eq!(
+        by(&families, "hw.gpu.memory.limit", Attr::GpuModel),
+        owned(&[("NVIDIA A100", gib(80.0))])
+    );
+    assert_eq!(
+        by(&families, "infermem.gpu.ioctls", Attr::IoctlResult),
+        owned(&[
+            ("decoded", 1234.0),
+            ("refused", 2.0),
+            ("undecodable", 4.0),
+            ("dropped", 3.0)
+        ])
+    );
+    assert_eq!(
+        by(
+            &families,
+            "infermem.gpu.unknown_class.objects",
+            Attr::GpuClass
+        ),
+        owned(&[("0x0000c86f", 5.0)])
+    );
+    assert_eq!(
+        by(&families, "infermem.gpu.status", Attr::GpuState),
+        owned(&[("tracking", 1.0)])
+    );
+}
+
+#[test]
+fn without_decoding_or_a_gpu_only_what_is_known_is_exported() {
+    let off = catalogue::families(&gpu_view("probes_off"));
+    for name in [
+        "infermem.gpu.memory.ioctl.usage",
+        "infermem.gpu.ioctls",
+        "infermem.gpu.unknown_class.objects",
+    ] {
+        assert!(value(&off, name).is_empty(), "{name} with the probes off");
+    }
+    assert_eq!(
+        value(&off, "hw.gpu.memory.limit"),
+        [f64::from(80u32) * f64::from(1u32 << 30)]
+    );
+    let unknown = catalogue::families(&gpu_view("unknown_driver"));
+    assert!(value(&unknown, "infermem.gpu.memory.ioctl.usage").is_empty());
+    assert_eq!(
+        value(&unknown, "infermem.gpu.ioctls").len(),
+        4,
+        "the probes run"
+    );
+    let mut none = view(false);
+    none.status.gpu = Some(proto::GpuStatus {
+        state: "no_gpu".into(),
+        ..proto::GpuStatus::default()
+    });
+    let families = catalogue::families(&none);
+    let gpu_points: Vec<&str> = families
+        .iter()
+        .filter(|f| f.metric.name.contains("gpu") && !f.points.is_empty())
+        .map(|f| f.metric.name)
+        .collect();
+    assert_eq!(gpu_points, ["infermem.gpu.status"]);
+    assert_eq!(
+        by(&families, "infermem.gpu.status", Attr::GpuState),
+        owned(&[("no_gpu", 1.0)])
+    );
+}
+
+#[test]
+fn prometheus_names_the_gpu_series_with_their_labels() {
+    let text = prometheus::render(Arc::new(Fixed(gpu_view("tracking")))).unwrap();
+    let sample = |prefix: &str| {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("{prefix}:\n{text}"))
+            .to_owned()
+    };
+    let process = sample("infermem_process_gpu_memory_usage_bytes{");
+    assert!(process.contains("pid=\"42\""), "{process}");
+    assert!(
+        process.contains(",gpu=\"nvidia0\"} 6442450944"),
+        "{process}"
+    );
+    for prefix in [
+        "infermem_process_gpu_memory_nvml_usage_bytes{",
+        "infermem_process_gpu_host_pinned_bytes{",
+        "infermem_hw_gpu_memory_usage_bytes{gpu=\"nvidia0\",gpu_model=\"NVIDIA A100\"} ",
+        "infermem_hw_gpu_memory_limit_bytes{gpu=\"nvidia0\",",
+        "infermem_hw_gpu_utilization{gpu=\"nvidia0\",",
+        "infermem_gpu_memory_ioctl_usage_bytes{gpu=\"nvidia1\",",
+        "infermem_gpu_memory_nvml_minus_ioctl_bytes{gpu=\"nvidia0\",gpu_model=\"NVIDIA A100\"} -1048576",
+        "infermem_gpu_ioctls_total{result=\"refused\"} 2",
+        "infermem_gpu_unknown_class_objects_total{class=\"0x0000c86f\"} 5",
+        "infermem_gpu_status{state=\"tracking\",driver_version=\"550.54.14\"} 1",
+    ] {
+        sample(prefix);
+    }
+}
