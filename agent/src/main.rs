@@ -187,8 +187,8 @@ struct PlanArgs {
     /// Plan without flash attention (llama.cpp then stores V transposed and needs an f16 V).
     #[arg(long)]
     no_flash_attn: bool,
-    /// GPU memory to plan for: bytes (24G, 8GiB...) or `auto` (free memory of the first
-    /// NVIDIA GPU; none without one).
+    /// GPU memory to plan for: bytes (24G, 8GiB...) or `auto` (from NVML, the free memory of
+    /// the NVIDIA GPU with the most; none without an NVIDIA GPU and driver).
     #[arg(long, default_value = "auto")]
     vram: String,
     /// RAM to plan for: bytes or `auto` (MemAvailable).
@@ -209,20 +209,21 @@ fn parse_cache_type(text: &str) -> Result<GgmlType, String> {
     })
 }
 
-/// Reads `--ram`/`--vram`: bytes, or `auto` measured by `measure` (a note says what happened).
+/// Reads `--ram`/`--vram`: bytes, or `auto` measured by `measure`, which says where the bytes
+/// were found (a note says what happened).
 fn budget(
     text: &str,
     what: &str,
-    measure: fn() -> Result<u64, String>,
+    measure: fn() -> Result<(u64, String), String>,
     notes: &mut Vec<String>,
 ) -> Result<u64, String> {
     if text != "auto" {
         return units::parse_bytes(text);
     }
     match measure() {
-        Ok(bytes) => {
+        Ok((bytes, source)) => {
             notes.push(format!(
-                "{what} budget: {} available now",
+                "{what} budget: {} available now ({source})",
                 units::format_bytes(bytes)
             ));
             Ok(bytes)
@@ -306,7 +307,8 @@ fn main() -> ExitCode {
 
 fn run_plan(args: PlanArgs) -> ExitCode {
     let mut notes = Vec::new();
-    let budgets = budget(&args.ram, "RAM", plan::available_ram, &mut notes).and_then(|ram| {
+    let measure_ram = || plan::available_ram().map(|bytes| (bytes, "MemAvailable".to_owned()));
+    let budgets = budget(&args.ram, "RAM", measure_ram, &mut notes).and_then(|ram| {
         Ok((
             ram,
             budget(&args.vram, "VRAM", plan::available_vram, &mut notes)?,

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::gpu::nvml::{Nvml, NvmlSnapshot};
+
 use super::{
     cpu_backend::CpuBackend,
     discovery::ModelFormat,
@@ -242,17 +244,36 @@ pub fn available_ram() -> Result<u64, String> {
         .ok_or_else(|| "/proc/meminfo has no MemAvailable".to_owned())
 }
 
-/// The free memory of the first NVIDIA GPU, from NVML; an error says why there is none.
-pub fn available_vram() -> Result<u64, String> {
-    let nvml = nvml_wrapper::Nvml::init()
-        .map_err(|e| format!("NVML unavailable ({e}): no NVIDIA GPU or driver"))?;
-    let device = nvml
-        .device_by_index(0)
-        .map_err(|e| format!("no NVIDIA GPU: {e}"))?;
-    let memory = device
-        .memory_info()
-        .map_err(|e| format!("NVML memory info: {e}"))?;
-    Ok(memory.free)
+/// The free memory of the NVIDIA GPU with the most free memory, from NVML, and which GPU
+/// that is; an error says why there is no figure (no NVIDIA GPU or driver, most often).
+pub fn available_vram() -> Result<(u64, String), String> {
+    let nvml = Nvml::open().map_err(|e| e.to_string())?;
+    let snapshot = nvml.snapshot().map_err(|e| e.to_string())?;
+    vram_budget(&snapshot)
+}
+
+/// The budget one NVML reading gives: the free memory of the device with the most.
+fn vram_budget(snapshot: &NvmlSnapshot) -> Result<(u64, String), String> {
+    let unreadable: Vec<String> = snapshot
+        .device_errors
+        .iter()
+        .map(|(index, e)| format!("NVML device {index}: {e}"))
+        .collect();
+    let Some(best) = snapshot.most_free() else {
+        return Err(if unreadable.is_empty() {
+            "NVML lists no GPU".to_owned()
+        } else {
+            unreadable.join("; ")
+        });
+    };
+    let mut source = format!("GPU {} ({})", best.key(), best.name);
+    if snapshot.devices.len() > 1 {
+        source += &format!(", the most free of {} GPUs", snapshot.devices.len());
+    }
+    if !unreadable.is_empty() {
+        source += &format!("; {}", unreadable.join("; "));
+    }
+    Ok((best.free_bytes, source))
 }
 
 #[cfg(test)]

@@ -108,3 +108,87 @@ fn fit_vram_shrinks_the_context_and_max_context_finds_the_longest() {
     );
     assert!(more.ram_bytes > 1150 * MIB, "256 more tokens would not fit");
 }
+
+/// A device NVML reads with `free` of 80 GiB free.
+fn nvml_device(index: u32, minor: Option<u32>, free: u64) -> crate::gpu::nvml::NvmlDevice {
+    crate::gpu::nvml::NvmlDevice {
+        index,
+        minor,
+        name: format!("NVIDIA H100 {index}"),
+        uuid: format!("GPU-{index}"),
+        total_bytes: 80 << 30,
+        used_bytes: (80 << 30) - free,
+        free_bytes: free,
+        utilization_percent: None,
+        processes: Vec::new(),
+    }
+}
+
+#[test]
+fn the_vram_budget_is_the_most_free_gpu() {
+    let one = NvmlSnapshot {
+        devices: vec![nvml_device(0, Some(0), 70 << 30)],
+        ..NvmlSnapshot::default()
+    };
+    assert_eq!(
+        vram_budget(&one),
+        Ok((70 << 30, "GPU 0 (NVIDIA H100 0)".to_owned()))
+    );
+    let two = NvmlSnapshot {
+        devices: vec![
+            nvml_device(0, Some(1), 10 << 30),
+            nvml_device(1, Some(0), 60 << 30),
+        ],
+        device_errors: vec![(2, crate::gpu::nvml::NvmlError::DriverNotLoaded)],
+        ..NvmlSnapshot::default()
+    };
+    assert_eq!(
+        vram_budget(&two),
+        Ok((
+            60 << 30,
+            "GPU 0 (NVIDIA H100 1), the most free of 2 GPUs; NVML device 2: libnvidia-ml is \
+             installed but the NVIDIA kernel driver is not loaded"
+                .to_owned()
+        ))
+    );
+}
+
+#[test]
+fn no_vram_budget_without_a_readable_gpu() {
+    assert_eq!(
+        vram_budget(&NvmlSnapshot::default()),
+        Err("NVML lists no GPU".to_owned())
+    );
+    let lost = NvmlSnapshot {
+        device_errors: vec![(
+            0,
+            crate::gpu::nvml::NvmlError::NoPermission("nvmlDeviceGetName"),
+        )],
+        ..NvmlSnapshot::default()
+    };
+    assert_eq!(
+        vram_budget(&lost),
+        Err(
+            "NVML device 0: no permission to query the NVIDIA driver through NVML \
+             (nvmlDeviceGetName)"
+                .to_owned()
+        )
+    );
+}
+
+/// Real: on this host, `auto` fails exactly as NVML fails to open (no NVIDIA GPU or driver
+/// in CI), with NVML's reason.
+#[test]
+fn available_vram_says_why_there_is_none() {
+    match Nvml::open() {
+        Err(e) => assert_eq!(available_vram(), Err(e.to_string())),
+        Ok(nvml) => assert_eq!(
+            available_vram().is_ok(),
+            !nvml
+                .snapshot()
+                .expect("an NVML snapshot")
+                .devices
+                .is_empty()
+        ),
+    }
+}
