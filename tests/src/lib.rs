@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod daemon;
 pub mod dashboard;
 pub mod llama;
+pub mod nvidia;
 pub mod otlp;
 pub mod prometheus;
 

@@ -32,13 +32,21 @@
 //! - `read FILE`: drops FILE from the page cache, then reads it once with read(2) (its pages
 //!   come back into the page cache, charged to this process's memory cgroup), says `read`,
 //!   then waits until stdin closes (a page-cache load, or a flood of one).
+//! - `nvidia-script DIR DRIVER_VERSION`: in a private mount namespace, mounts a tmpfs on
+//!   `/dev` and binds the stand-in driver's files in DIR (see `infermem_tests::nvidia`) at
+//!   `/dev/nvidiactl`, `/dev/nvidia0`, `/dev/nvidia1` and `/dev/nvidia-uvm`; opens them, says
+//!   `opened`, then makes one RM escape per line of stdin (a `nvidia::Step`, its block laid
+//!   out for DRIVER_VERSION) and says `step` with what the ioctl returned, until stdin closes.
 
 use std::{
+    ffi::CString,
     fs::File,
     io::{BufRead as _, Write as _},
     os::fd::AsRawFd as _,
     ptr,
 };
+
+use infermem_tests::nvidia::{self, DeviceFds, Layout, Step};
 
 const PAGE: usize = 4096;
 
@@ -58,13 +66,14 @@ fn main() {
         "chroot" => chroot(arg(1)),
         "serve" => serve(arg(1)),
         "read" => read_once(arg(1)),
+        "nvidia-script" => nvidia_script(arg(1), arg(2)),
         _ => usage(),
     }
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: workload map-and-alloc FILE FILE_MIB ANON_MIB | storm FILE CHILDREN | hog MIB_PER_STEP | ramp MIB_PER_S STOP_MIB | bursty MIB_PER_S BURST_MIB STOP_MIB | steady MIB | churn MIB ITERATIONS | map-file FILE | chroot DIR | serve FILE | read FILE"
+        "usage: workload map-and-alloc FILE FILE_MIB ANON_MIB | storm FILE CHILDREN | hog MIB_PER_STEP | ramp MIB_PER_S STOP_MIB | bursty MIB_PER_S BURST_MIB STOP_MIB | steady MIB | churn MIB ITERATIONS | map-file FILE | chroot DIR | serve FILE | read FILE | nvidia-script DIR DRIVER_VERSION"
     );
     std::process::exit(2)
 }
@@ -383,4 +392,65 @@ fn unix_time() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// `mount(2)` that exits loudly on failure.
+fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong) {
+    let c = |s: &str| CString::new(s).expect("no NUL");
+    let (source, target, fstype) = (c(source), c(target), c(fstype));
+    // SAFETY: valid NUL-terminated strings; no filesystem data.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            ptr::null(),
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "mount {source:?} on {target:?}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// A mount namespace of this process's own whose `/dev` is a fresh tmpfs holding only the
+/// stand-in driver's files from `dir`, bound at the NVIDIA device paths: the host's `/dev`
+/// is left untouched.
+fn private_nvidia_dev(dir: &str) {
+    // SAFETY: this process is single-threaded here; unshare has no memory preconditions.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNS) };
+    assert_eq!(
+        rc,
+        0,
+        "unshare(CLONE_NEWNS): {}",
+        std::io::Error::last_os_error()
+    );
+    // Nothing mounted from here on propagates to the host.
+    mount("none", "/", "", libc::MS_REC | libc::MS_PRIVATE);
+    mount("none", "/dev", "tmpfs", libc::MS_NOSUID | libc::MS_NOEXEC);
+    for node in nvidia::NODES {
+        let target = format!("/dev/{node}");
+        File::create(&target).unwrap_or_else(|e| panic!("create {target}: {e}"));
+        mount(&format!("{dir}/{node}"), &target, "", libc::MS_BIND);
+    }
+}
+
+/// Scripted RM escapes through the stand-in driver, one ioctl per line of stdin.
+fn nvidia_script(dir: &str, version: &str) {
+    let layout = Layout::of_version(version);
+    private_nvidia_dev(dir);
+    let fds = DeviceFds::open();
+    say(&format!(
+        r#"{{"event":"opened","pid":{},"fds":{}}}"#,
+        std::process::id(),
+        fds.json()
+    ));
+    for line in std::io::stdin().lock().lines() {
+        let line = line.expect("read stdin");
+        let step: Step = line.parse().unwrap_or_else(|e| panic!("bad step: {e}"));
+        say(&step.perform(layout, &fds).json(&step));
+    }
 }
