@@ -365,3 +365,176 @@ fn usage_list(usage: &Usage) -> Vec<DeviceUsage> {
 #[cfg(test)]
 #[path = "replay/mod.rs"]
 mod replay;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(client: u32, parent: u32, handle: u32, kind: ObjectKind) -> RmCall {
+        RmCall::Alloc(ObjectAlloc {
+            client,
+            parent,
+            handle,
+            class: 0x40,
+            kind,
+            path: AllocPath::RmAlloc,
+        })
+    }
+
+    fn vram(bytes: u64) -> ObjectKind {
+        ObjectKind::Memory {
+            placement: Placement::Vram,
+            bytes,
+        }
+    }
+
+    fn device(id: u32) -> ObjectKind {
+        ObjectKind::Device {
+            device_id: Some(id),
+        }
+    }
+
+    fn client(client: u32) -> RmCall {
+        RmCall::ClientAlloc {
+            client,
+            class: 0x41,
+        }
+    }
+
+    #[test]
+    fn a_process_holds_at_most_its_share_of_objects() {
+        let mut objects = GpuObjects::new();
+        objects.apply(1, 1, &client(1));
+        for handle in 2..=OBJECTS_PER_PROCESS_MAX as u32 + 10 {
+            objects.apply(1, 1, &object(1, 1, handle, vram(1)));
+        }
+        assert_eq!(objects.counters().over_capacity, 10);
+        assert_eq!(
+            objects.usage(1)[0].vram_bytes,
+            OBJECTS_PER_PROCESS_MAX as u64 - 1
+        );
+        objects.apply(
+            1,
+            1,
+            &RmCall::Free {
+                client: 1,
+                parent: 1,
+                handle: 2,
+            },
+        );
+        objects.apply(1, 1, &object(1, 1, 5_000_000, vram(1)));
+        assert_eq!(objects.counters().over_capacity, 10);
+        objects.process_exited(1);
+        assert_eq!((objects.usage(1), objects.objects), (vec![], 0));
+    }
+
+    #[test]
+    fn all_processes_hold_at_most_the_total() {
+        let mut objects = GpuObjects::new();
+        let processes = (OBJECTS_MAX / OBJECTS_PER_PROCESS_MAX) as u32;
+        for tgid in 1..=processes {
+            // The client is counted as one of the process's objects.
+            for handle in 2..=OBJECTS_PER_PROCESS_MAX as u32 {
+                objects.apply(tgid, 1, &object(1, 1, handle, ObjectKind::Sizeless));
+            }
+        }
+        assert_eq!(
+            (objects.objects, objects.counters().over_capacity),
+            (OBJECTS_MAX, 0)
+        );
+        objects.apply(processes + 1, 1, &client(9));
+        objects.apply(processes + 1, 1, &object(9, 9, 10, vram(1)));
+        assert_eq!(objects.counters().over_capacity, 2);
+        assert_eq!(objects.usage(processes + 1), vec![]);
+    }
+
+    #[test]
+    fn unknown_class_ids_are_bounded() {
+        let mut objects = GpuObjects::new();
+        for class in 0..UNKNOWN_CLASSES_MAX as u32 + 50 {
+            let mut call = object(1, 1, 100 + class, ObjectKind::Unknown);
+            if let RmCall::Alloc(alloc) = &mut call {
+                alloc.class = 0x10000 + class;
+            }
+            objects.apply(1, 1, &call);
+        }
+        let classes = &objects.counters().unknown_classes;
+        assert_eq!(classes.len(), UNKNOWN_CLASSES_MAX + 1);
+        assert_eq!(classes[&UNKNOWN_CLASS_OVERFLOW], 50);
+    }
+
+    #[test]
+    fn a_reused_handle_replaces_the_stale_object_and_its_subtree() {
+        let mut objects = GpuObjects::new();
+        objects.apply(1, 1, &object(7, 7, 0x80, device(0)));
+        objects.apply(1, 1, &object(7, 0x80, 0x100, vram(100)));
+        objects.apply(1, 1, &object(7, 7, 0x80, device(1)));
+        objects.apply(1, 1, &object(7, 0x80, 0x101, vram(5)));
+        let expected = vec![DeviceUsage {
+            device: 1,
+            vram_bytes: 5,
+            host_pinned_bytes: 0,
+        }];
+        assert_eq!(objects.usage(1), expected);
+        // Client 7 was seen through its objects only; freeing it still frees them all.
+        objects.apply(
+            1,
+            1,
+            &RmCall::Free {
+                client: 7,
+                parent: 0,
+                handle: 7,
+            },
+        );
+        assert_eq!((objects.usage(1), objects.objects), (vec![], 0));
+        assert_eq!(objects.counters().unpaired_frees, 0);
+    }
+
+    #[test]
+    fn a_dup_carries_its_source_device_and_frees_its_children() {
+        let mut objects = GpuObjects::new();
+        objects.apply(1, 1, &client(7));
+        objects.apply(1, 1, &object(7, 7, 0x80, device(2)));
+        let dup = Dup {
+            client: 7,
+            parent: 7,
+            handle: 0x90,
+            src_client: 7,
+            src_handle: 0x80,
+        };
+        objects.apply(1, 1, &RmCall::Dup(dup));
+        objects.apply(1, 1, &object(7, 0x90, 0x100, vram(64)));
+        assert_eq!(objects.usage(1)[0].device, 2);
+        objects.apply(
+            1,
+            1,
+            &RmCall::Free {
+                client: 7,
+                parent: 7,
+                handle: 0x90,
+            },
+        );
+        assert_eq!(objects.usage(1), vec![]);
+        assert_eq!(objects.counters().dups, 1);
+    }
+
+    #[test]
+    fn forged_sizes_saturate_instead_of_overflowing() {
+        let mut objects = GpuObjects::new();
+        objects.apply(1, 1, &object(7, 7, 0x100, vram(u64::MAX)));
+        objects.apply(2, 1, &object(7, 7, 0x100, vram(u64::MAX)));
+        assert_eq!(objects.device_totals()[0].vram_bytes, u64::MAX);
+        objects.apply(
+            1,
+            1,
+            &RmCall::Free {
+                client: 7,
+                parent: 7,
+                handle: 0x100,
+            },
+        );
+        assert_eq!(objects.device_totals()[0].vram_bytes, u64::MAX);
+        objects.process_exited(2);
+        assert_eq!(objects.device_totals(), vec![]);
+    }
+}
