@@ -193,8 +193,9 @@ impl GpuObjects {
         if alloc.kind == ObjectKind::Unknown {
             self.count_unknown_class(alloc.class);
         }
-        let fallback = match alloc.path {
-            AllocPath::AllocMemory if fd_kind >= nvidia_fd::DEVICE => fd_kind - nvidia_fd::DEVICE,
+        let minor = fd_kind.checked_sub(nvidia_fd::DEVICE);
+        let fallback = match (alloc.path, minor) {
+            (AllocPath::AllocMemory, Some(n)) if n <= nvidia_fd::MAX_DEVICE_MINOR => n,
             _ => UNKNOWN_DEVICE,
         };
         let memory = match alloc.kind {
@@ -516,6 +517,31 @@ mod tests {
         );
         assert_eq!(objects.usage(1), vec![]);
         assert_eq!(objects.counters().dups, 1);
+    }
+
+    #[test]
+    fn only_alloc_memory_on_a_device_fd_falls_back_to_its_minor() {
+        let mut objects = GpuObjects::new();
+        let mut alloc = ObjectAlloc {
+            client: 7,
+            parent: 0xdead,
+            handle: 0x100,
+            class: 0x3e,
+            kind: vram(1),
+            path: AllocPath::AllocMemory,
+        };
+        objects.apply(1, nvidia_fd::DEVICE + 5, &RmCall::Alloc(alloc));
+        alloc.handle = 0x101;
+        objects.apply(1, nvidia_fd::DEVICE + 255, &RmCall::Alloc(alloc));
+        alloc.handle = 0x102;
+        alloc.path = AllocPath::RmAlloc;
+        objects.apply(1, nvidia_fd::DEVICE + 5, &RmCall::Alloc(alloc));
+        let devices: Vec<_> = objects
+            .usage(1)
+            .iter()
+            .map(|u| (u.device, u.vram_bytes))
+            .collect();
+        assert_eq!(devices, [(5, 1), (UNKNOWN_DEVICE, 2)]);
     }
 
     #[test]
