@@ -334,45 +334,36 @@ fn psi() -> Result<String, String> {
 }
 
 fn nvidia() -> Result<String, String> {
-    let devices: Vec<String> = fs::read_dir("/dev")
-        .map(|dir| {
-            dir.flatten()
-                .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| {
-                    n.starts_with("nvidia")
-                        && n[6..].chars().all(|c| c.is_ascii_digit())
-                        && n.len() > 6
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    if devices.is_empty() {
-        return Err(
-            "no /dev/nvidiaN devices (no NVIDIA GPU or driver); GPU memory is not tracked".into(),
-        );
-    }
-    let driver = fs::read_to_string("/proc/driver/nvidia/version")
-        .ok()
-        .and_then(|v| v.lines().next().map(|l| l.trim().to_owned()))
-        .unwrap_or_else(|| "driver version unknown".into());
-    let nvml = match nvml_wrapper::Nvml::init() {
-        Ok(nvml) => {
-            let count = nvml.device_count().unwrap_or(0);
-            let names: Vec<String> = (0..count)
-                .filter_map(|i| {
-                    let device = nvml.device_by_index(i).ok()?;
-                    let total = device.memory_info().ok()?.total;
-                    Some(format!("{} ({})", device.name().ok()?, format_bytes(total)))
-                })
+    use crate::gpu::{self, state::Driver};
+    let driver = match Driver::detect(&gpu::GpuConfig::default()) {
+        Driver::Absent => {
+            return Err(
+                "no NVIDIA driver loaded (no /sys/module/nvidia/version): GPU memory is not tracked"
+                    .into(),
+            );
+        }
+        Driver::Unknown { version, why } => {
+            format!("driver {version}: RM ioctls not decoded ({why})")
+        }
+        Driver::Decoding { version, layout } => {
+            format!(
+                "driver {version}: RM ioctls decoded with layout {}",
+                layout.name
+            )
+        }
+    };
+    let nvml = match gpu::nvml::Nvml::open().and_then(|n| n.snapshot()) {
+        Ok(snapshot) => {
+            let names: Vec<String> = snapshot
+                .devices
+                .iter()
+                .map(|d| format!("{} ({})", d.name, format_bytes(d.total_bytes)))
                 .collect();
-            format!("NVML: {count} GPU(s): {}", names.join(", "))
+            format!("NVML: {} GPU(s): {}", names.len(), names.join(", "))
         }
         Err(e) => format!("NVML unavailable: {e}"),
     };
-    Ok(format!(
-        "{} device node(s); {driver}; {nvml}",
-        devices.len()
-    ))
+    Ok(format!("{driver}; {nvml}"))
 }
 
 fn mlock() -> Result<String, String> {

@@ -4,16 +4,21 @@
 
 use std::time::Instant;
 
-use crate::predict::{self, Assessment, DomainInput, Level, ProcessInput};
+use crate::{
+    gpu::state::GpuState,
+    predict::{self, Assessment, DomainInput, Level, ProcessInput},
+};
 
 use super::{
     registry::{Registry, TrackedProcess},
     sample::is_under,
 };
 
-/// Assesses everything due, in place.
-pub fn assess_all(registry: &mut Registry, cfg: &predict::Config) {
+/// Assesses everything due, in place; model processes with a predicted VRAM peak also
+/// against their GPU's headroom.
+pub fn assess_all(registry: &mut Registry, cfg: &predict::Config, gpu: &GpuState) {
     let now = Instant::now();
+    let gpu_verdicts = super::assess_gpu::gpu_verdicts(registry, gpu, cfg);
     let candidates: Vec<ProcessInput> = registry.processes.values().map(process_input).collect();
     let host = host_domain(registry, &candidates);
     let limited: Vec<DomainInput> = registry
@@ -47,11 +52,24 @@ pub fn assess_all(registry: &mut Registry, cfg: &predict::Config) {
             .into_iter()
             .collect();
         domains.push(&host);
-        let verdict = predict::assess(&domains, cfg);
-        let label = format!("pid {}", process.state.identity.pid);
+        let mut verdict = predict::assess(&domains, cfg);
+        let pid = process.state.identity.pid;
+        if let Some(gpu) = gpu_verdicts.get(&pid) {
+            merge_gpu(&mut verdict, gpu);
+        }
+        let label = format!("pid {pid}");
         log_change(&process.assessment, &verdict, &label);
         process.assessment = process.tracker.apply(verdict, cfg);
     }
+}
+
+/// Adds the GPU's verdict: its reason when it is not ok, its level when worse.
+fn merge_gpu(verdict: &mut Assessment, gpu: &predict::gpu::GpuVerdict) {
+    if gpu.level == Level::Ok {
+        return;
+    }
+    verdict.level = verdict.level.max(gpu.level);
+    verdict.reasons.push(gpu.reason.clone());
 }
 
 /// The tightest limited cgroup a process lives under (the deepest one: its limit is the

@@ -136,6 +136,7 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
     agent.act().hooks = Some(Arc::new(hooks));
     let actions_thread = start_actions(&agent, &options.settings.policy)?;
     agent.seed_all();
+    agent.seed_nvidia_fds();
     // Loading the probes parsed the kernel's BTF (tens of MiB, freed since): give the freed
     // heap back to the system rather than keep it as the agent's resident memory.
     // SAFETY: malloc_trim only releases free memory of the allocator.

@@ -16,6 +16,9 @@ pub mod act_api;
 pub mod actions;
 pub mod analyse;
 pub mod assess;
+pub mod assess_gpu;
+pub mod gpu;
+pub mod gpu_api;
 pub mod ingest;
 pub mod lifecycle;
 pub mod notify;
@@ -118,6 +121,8 @@ pub struct Agent {
     heartbeat_ms: AtomicU64,
     /// The actions thread, the hooks and what was alerted (daemon mode).
     act: Mutex<actions::Stage>,
+    /// The NVIDIA driver, the RM objects of every process, NVML.
+    gpu: Mutex<crate::gpu::state::GpuState>,
 }
 
 impl Agent {
@@ -132,7 +137,6 @@ impl Agent {
             registry: Mutex::new(Registry::default()),
             probes,
             ebpf_reason,
-            settings: RwLock::new(settings),
             layout: CgroupLayout::detect(),
             origin: Instant::now(),
             started_unix: unix_now(),
@@ -140,6 +144,8 @@ impl Agent {
             stop: AtomicBool::new(false),
             heartbeat_ms: AtomicU64::new(0),
             act: Mutex::new(actions::Stage::default()),
+            gpu: Mutex::new(crate::gpu::state::GpuState::new(&settings.gpu)),
+            settings: RwLock::new(settings),
         }
     }
 
@@ -314,9 +320,14 @@ impl Agent {
     /// assess.
     pub fn round(&self, analysis: &mpsc::SyncSender<registry::ProcessKey>) {
         sample::tick(self);
+        self.refresh_gpu();
         analyse::dispatch(self, analysis);
         let settings = self.settings();
-        assess::assess_all(&mut self.lock(), &settings.predictor);
+        {
+            let mut registry = self.lock();
+            let gpu = self.gpu();
+            assess::assess_all(&mut registry, &settings.predictor, &gpu);
+        }
         actions::round(self, &settings.policy);
         let elapsed = self.origin.elapsed().as_millis() as u64;
         self.heartbeat_ms.store(elapsed, Ordering::Relaxed);
@@ -328,11 +339,14 @@ impl Agent {
     pub fn snapshot(&self) {
         self.seed_all();
         sample::tick(self);
+        self.refresh_gpu();
         analyse::analyse_due_now(self);
         // Model processes are now known: read their memory and cgroups with that knowledge.
         sample::tick(self);
         let cfg = self.settings().predictor;
-        assess::assess_all(&mut self.lock(), &cfg);
+        let mut registry = self.lock();
+        let gpu = self.gpu();
+        assess::assess_all(&mut registry, &cfg, &gpu);
     }
 
     /// Starts the event, pipeline and analysis threads; they run until [`Agent::request_stop`].
@@ -398,10 +412,12 @@ impl Agent {
             };
             // SAFETY: one valid pollfd; the fd stays open while `reader` lives.
             unsafe { libc::poll(&mut pollfd, 1, EVENT_POLL.as_millis() as i32) };
+            self.ingest_gpu(&mut reader);
             let (events, undecodable) = reader.drain();
             if events.is_empty() && undecodable == 0 {
                 continue;
             }
+            self.gpu_exits(&events);
             let mut registry = self.lock();
             registry.undecodable += undecodable as u64;
             ingest::apply_events(&mut registry, &events, &self.layout);

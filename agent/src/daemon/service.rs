@@ -30,6 +30,12 @@ impl Service for AgentService {
             .filter(|p| p.model.report.is_some() && peer.may_see(p.uid))
             .map(workload)
             .collect();
+        {
+            let gpu = self.0.gpu();
+            for w in &mut workloads {
+                w.gpu = super::gpu_api::process_gpu(&gpu, w.pid);
+            }
+        }
         workloads.sort_by_key(|w| w.pid);
         proto::PsReply {
             workloads,
@@ -64,7 +70,7 @@ impl Service for AgentService {
                 })
                 .collect(),
             daemon: Some(daemon_info(&self.0, &registry)),
-            gpu: None,
+            gpu: Some(super::gpu_api::gpu_status(&self.0)),
         }
     }
 

@@ -62,7 +62,10 @@ pub fn scan(proc_root: &Path, check: FdCheck) -> Vec<FoundFd> {
     let Ok(entries) = std::fs::read_dir(proc_root) else {
         return found;
     };
-    for tgid in entries.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()) {
+    for tgid in entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+    {
         scan_process(proc_root, tgid, check, &mut found);
         if found.len() >= MAX_NVIDIA_FDS {
             found.truncate(MAX_NVIDIA_FDS);
@@ -132,7 +135,12 @@ mod tests {
         // This process has no NVIDIA fd; /dev/null stands for a file whose link is read.
         let null = std::fs::File::open("/dev/null").unwrap();
         let mut found = Vec::new();
-        scan_process(Path::new("/proc"), std::process::id(), FdCheck::Path, &mut found);
+        scan_process(
+            Path::new("/proc"),
+            std::process::id(),
+            FdCheck::Path,
+            &mut found,
+        );
         assert!(found.is_empty(), "{found:?}");
         drop(null);
         // A character device of another major (1) is not an NVIDIA device.

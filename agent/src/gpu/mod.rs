@@ -8,12 +8,14 @@
 //! - [`objects`]: the live RM objects, paired by (client, handle), and each process's bytes.
 //! - [`fds`]: which fds are NVIDIA fds, learned from `/proc/*/fd` at start.
 //! - [`nvml`]: what NVML says (devices, per-process memory), when libnvidia-ml is present.
+//! - [`state`]: the agent's GPU view, joining the above per process and per device.
 
 pub mod decode;
 pub mod fds;
 pub mod layout;
 pub mod nvml;
 pub mod objects;
+pub mod state;
 
 use fds::FdCheck;
 

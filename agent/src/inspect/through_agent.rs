@@ -57,14 +57,17 @@ pub async fn inspect_in_agent(
         })?;
         let reason = agent.ebpf_reason().map(str::to_owned);
         let window = (&start, &end);
-        build_report(
+        let mut report = build_report(
             &state,
             probes.as_deref(),
             reason,
             window,
             &start_faults,
             &risk,
-        )
+        )?;
+        drop(probes);
+        report.gpu = agent.gpu().process_gpu(pid);
+        Ok(report)
     })
     .await
 }
