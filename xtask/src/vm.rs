@@ -21,8 +21,10 @@ use crate::cargo::{cargo, profile_dir, run, workspace_root};
 /// Test targets of `infermem-tests` that need more than the guest has: Python (`llama`,
 /// `ollama`); the host's user and group tools and databases (`daemon_users`); a filesystem
 /// whose page cache can be evicted (`pin`: the guest's files live in a ramfs); a terminal
-/// multiplexer (`top`, driven in tmux).
-const HOST_ONLY_TESTS: &[&str] = &["llama", "daemon_users", "ollama", "pin", "top"];
+/// multiplexer (`top`, driven in tmux); FUSE, a module the busybox initramfs does not load
+/// (`gpu`: its stand-in for the NVIDIA driver is a FUSE file; the NVIDIA probes themselves
+/// load and attach in the guest with the other syscall probes).
+const HOST_ONLY_TESTS: &[&str] = &["llama", "daemon_users", "ollama", "pin", "top", "gpu"];
 /// Unit-test filters of the `infermem` library that touch the kernel or cgroupfs.
 const KERNEL_UNIT_TESTS: &[&str] = &["probes::", "collect::"];
 /// Debian packages the runner uses, by the program it needs from each.
