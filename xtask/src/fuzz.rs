@@ -1,5 +1,6 @@
-//! `cargo xtask fuzz`: runs the cargo-fuzz targets of the model file parsers (agent/fuzz) for
-//! a bounded time each, starting from the committed seeds, and prints libFuzzer's totals.
+//! `cargo xtask fuzz`: runs the cargo-fuzz targets of the model file parsers and the GPU ioctl
+//! decoder (agent/fuzz) for a bounded time each, starting from the committed seeds, and prints
+//! libFuzzer's totals.
 
 use std::{
     ffi::OsString,
@@ -11,7 +12,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use crate::cargo::{profile_dir, workspace_root};
 
 /// The targets, each named after the parser it exercises.
-const TARGETS: &[&str] = &["gguf", "safetensors"];
+const TARGETS: &[&str] = &["gguf", "safetensors", "gpu_decode"];
 const CARGO_FUZZ_VERSION: &str = "0.13.1";
 
 /// Options of `cargo xtask fuzz`.
