@@ -60,7 +60,16 @@ type DeviceFigures = (u64, u64, u64);
 /// their path, without NVML (its figures would not be the stand-in's on a host with a GPU).
 fn agent(name: &str, version: &str) -> Daemon {
     let gpu = format!("[gpu]\ndriver_version = \"{version}\"\nfd_check = \"path\"\nnvml = false\n");
-    Daemon::start_with_sections(name, &gpu, &[])
+    let agent = Daemon::start_with_sections(name, &gpu, &[]);
+    // The syscall probes carry the NVIDIA fds and ioctls: without them nothing can be seen.
+    let daemon = &agent.status()["daemon"];
+    assert_eq!(daemon["ebpf"], true, "{daemon}");
+    assert_eq!(
+        daemon["probes_unavailable"],
+        Value::Array(vec![]),
+        "probes missing: {daemon}"
+    );
+    agent
 }
 
 /// The stand-in driver of `version`'s family, refusing [`REFUSED`].
