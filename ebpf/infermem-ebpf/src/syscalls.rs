@@ -62,7 +62,11 @@ pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     if !memory {
-        // Only the calls on NVIDIA fds and paths were saved.
+        // Only the calls on NVIDIA fds and paths were saved (`close` never is: it is done
+        // at entry).
+        if nr == syscall_numbers().close {
+            return 0;
+        }
         if let Some(saved) = SYSCALL_ARGS.get_ptr(tid) {
             // SAFETY: a valid map value pointer; copied before the entry is removed.
             let saved = unsafe { *saved };
