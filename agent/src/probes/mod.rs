@@ -683,6 +683,14 @@ mod tests {
     /// Loads the real probes into the running kernel (needs root, as in CI) and checks that
     /// faults of this very process are counted.
     #[test]
+    fn every_probe_loads_and_attaches_on_this_kernel() {
+        // The syscall probes carry the memory syscalls and the NVIDIA ioctls: a program the
+        // verifier refuses would otherwise only show as a feature turned off.
+        let probes = Probes::load(&ProbeOptions::default()).expect("probes load as root");
+        assert_eq!(probes.unavailable(), &[], "every probe attaches");
+    }
+
+    #[test]
     fn loads_attaches_and_counts_our_faults() {
         let probes = Probes::load(&ProbeOptions::default()).expect("probes load as root");
         let me = std::process::id();

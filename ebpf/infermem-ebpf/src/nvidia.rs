@@ -16,7 +16,7 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     helpers::{
-        bpf_probe_read_user, bpf_probe_read_user_str_bytes,
+        bpf_probe_read_user,
         generated::{self, bpf_ktime_get_ns},
     },
     macros::map,
@@ -144,38 +144,50 @@ fn forget_fd(tgid: u32, fd: u64) {
 }
 
 /// The [`nvidia_fd`] kind of the path at user address `path`, 0 if it is not an NVIDIA device
-/// node: exactly `/dev/nvidiactl`, `/dev/nvidia-uvm` or `/dev/nvidia<decimal>`.
+/// node: exactly `/dev/nvidiactl`, `/dev/nvidia-uvm` or `/dev/nvidia<decimal>`. Every byte is
+/// read at a constant index of the buffer, which the verifier can bound (a loop over the
+/// string's length it cannot).
 #[inline(never)]
 fn path_kind(path: u64) -> u32 {
+    const PREFIX: &[u8; 11] = b"/dev/nvidia";
     let mut buf = [0u8; 20];
-    // SAFETY: the helper tolerates bad user addresses and returns an error.
-    let Ok(bytes) = (unsafe { bpf_probe_read_user_str_bytes(path as *const u8, &mut buf) }) else {
-        return 0;
+    // SAFETY: the helper writes at most `buf.len()` bytes and tolerates bad user addresses;
+    // it returns the length read, NUL included.
+    let len = unsafe {
+        generated::bpf_probe_read_user_str(buf.as_mut_ptr() as *mut _, 20, path as *const _)
     };
-    let Some(rest) = bytes.strip_prefix(b"/dev/nvidia") else {
+    // Name bytes after the prefix: 1 to 4 ("0" to "-uvm").
+    let name = len - 1 - PREFIX.len() as i64;
+    if !(1..=4).contains(&name) {
         return 0;
-    };
-    if rest == b"ctl" {
-        return nvidia_fd::CTL;
     }
-    if rest == b"-uvm" {
-        return nvidia_fd::UVM;
+    let mut i = 0;
+    while i < PREFIX.len() {
+        if buf[i] != PREFIX[i] {
+            return 0;
+        }
+        i += 1;
     }
-    device_minor(rest).map_or(0, |n| nvidia_fd::DEVICE + n)
+    let (a, b, c, d) = (buf[11], buf[12], buf[13], buf[14]);
+    match name {
+        3 if (a, b, c) == (b'c', b't', b'l') => nvidia_fd::CTL,
+        4 if (a, b, c, d) == (b'-', b'u', b'v', b'm') => nvidia_fd::UVM,
+        4 => 0,
+        _ => device_minor([a, b, c], name as usize).map_or(0, |n| nvidia_fd::DEVICE + n),
+    }
 }
 
-/// `N` of `/dev/nvidiaN`: one to three decimal digits, at most [`nvidia_fd::MAX_DEVICE_MINOR`].
+/// `N` of `/dev/nvidiaN` from its first `count` (1 to 3) digits; at most
+/// [`nvidia_fd::MAX_DEVICE_MINOR`].
 #[inline(always)]
-fn device_minor(digits: &[u8]) -> Option<u32> {
-    if digits.is_empty() || digits.len() > 3 {
-        return None;
+fn device_minor(digits: [u8; 3], count: usize) -> Option<u32> {
+    let digit = |d: u8| d.is_ascii_digit().then(|| (d - b'0') as u32);
+    let mut n = digit(digits[0])?;
+    if count >= 2 {
+        n = n * 10 + digit(digits[1])?;
     }
-    let mut n = 0u32;
-    for &d in digits {
-        if !d.is_ascii_digit() {
-            return None;
-        }
-        n = n * 10 + (d - b'0') as u32;
+    if count >= 3 {
+        n = n * 10 + digit(digits[2])?;
     }
     (n <= nvidia_fd::MAX_DEVICE_MINOR).then_some(n)
 }
