@@ -531,3 +531,49 @@ fn fds_opened_before_the_agent_started_are_found_in_proc() {
     wait_figures(&agent, script.pid, &[]);
     assert!(script.finish().success());
 }
+
+/// A driver version with no layout table is reported, not guessed: the agent says which and
+/// why, and decodes nothing (a refused guess would be worse than no figure).
+#[test]
+fn an_unknown_driver_version_is_reported_and_nothing_is_decoded() {
+    require_root();
+    let _serial = serial();
+    for (version, why) in [("470.82.01", "older than"), ("610.10.02", "newer than")] {
+        let gpu =
+            format!("[gpu]\ndriver_version = \"{version}\"\nfd_check = \"path\"\nnvml = false\n");
+        let agent = Daemon::start_with_sections("gpu-unknown", &gpu, &[]);
+        let status = &agent.status()["gpu"];
+        assert_eq!(status["state"], "unknown_driver", "{status}");
+        assert_eq!(status["driver_version"], version, "{status}");
+        let message = status["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(why) && message.contains("not decoded"),
+            "{status}"
+        );
+        assert_eq!(status["layout"], "", "{status}");
+    }
+}
+
+/// The default configuration on this host: without the NVIDIA driver (CI) the state is
+/// `no_gpu`, a normal state, with NVML's absence said plainly; with one, its version is read
+/// from the module.
+#[test]
+fn the_driver_state_is_reported_from_the_loaded_module() {
+    require_root();
+    let _serial = serial();
+    let agent = Daemon::start_with_sections("gpu-default", "", &[]);
+    let status = &agent.status()["gpu"];
+    let module = std::fs::read_to_string("/sys/module/nvidia/version").ok();
+    let Some(version) = module else {
+        assert_eq!(status["state"], "no_gpu", "{status}");
+        let message = status["message"].as_str().unwrap_or_default();
+        assert!(message.contains("no NVIDIA driver"), "{status}");
+        let nvml = status["nvml_error"].as_str().unwrap_or_default();
+        assert!(nvml.contains("libnvidia-ml"), "{status}");
+        assert_eq!(status["devices"], Value::Array(vec![]), "{status}");
+        return;
+    };
+    assert_eq!(status["driver_version"], version.trim(), "{status}");
+    let state = status["state"].as_str().unwrap_or_default();
+    assert!(["tracking", "unknown_driver"].contains(&state), "{status}");
+}
