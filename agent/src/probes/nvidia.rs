@@ -48,15 +48,17 @@ impl NvidiaMaps {
         let Ok(per_cpu) = self.stats.get(&0, 0) else {
             return GpuProbeStats::default();
         };
-        per_cpu.iter().fold(GpuProbeStats::default(), |s, c| GpuProbeStats {
-            ioctls: s.ioctls + c.ioctls,
-            sent: s.sent + c.sent,
-            ringbuf_drops: s.ringbuf_drops + c.ringbuf_drops,
-            read_failures: s.read_failures + c.read_failures,
-            fds_opened: s.fds_opened + c.fds_opened,
-            fds_closed: s.fds_closed + c.fds_closed,
-            map_drops: s.map_drops + c.map_drops,
-        })
+        per_cpu
+            .iter()
+            .fold(GpuProbeStats::default(), |s, c| GpuProbeStats {
+                ioctls: s.ioctls + c.ioctls,
+                sent: s.sent + c.sent,
+                ringbuf_drops: s.ringbuf_drops + c.ringbuf_drops,
+                read_failures: s.read_failures + c.read_failures,
+                fds_opened: s.fds_opened + c.fds_opened,
+                fds_closed: s.fds_closed + c.fds_closed,
+                map_drops: s.map_drops + c.map_drops,
+            })
     }
 }
 

@@ -164,7 +164,11 @@ fn gpu_lines(w: &mut String, gpus: &[crate::gpu::ProcessGpu]) {
             w,
             "gpu {device}    VRAM {} (RM ioctls{}), {} (NVML); host pinned {}",
             bytes(g.vram_bytes_ioctl),
-            if g.ioctl_partial { ", since the agent started" } else { "" },
+            if g.ioctl_partial {
+                ", since the agent started"
+            } else {
+                ""
+            },
             bytes(g.vram_bytes_nvml),
             format_bytes(g.host_pinned_bytes)
         );

@@ -95,7 +95,10 @@ fn fd_kind(tgid: u32, fd: u64) -> Option<u32> {
 }
 
 fn save(tid: u32, nr: u64, args: [u64; 6]) {
-    if SYSCALL_ARGS.insert(tid, SyscallArgs { nr, args }, 0).is_err() {
+    if SYSCALL_ARGS
+        .insert(tid, SyscallArgs { nr, args }, 0)
+        .is_err()
+    {
         count(|s| s.map_drops += 1);
     }
 }
@@ -326,6 +329,10 @@ unsafe fn copy_alloc_params(dst: &mut [u8; GPU_ALLOC_PARAMS_MAX], src: u64) -> u
     // SAFETY: both lengths are at most GPU_ALLOC_PARAMS_MAX, the size of `dst`.
     unsafe {
         let full = read_user(d, GPU_ALLOC_PARAMS_MAX as u32, src);
-        if full != 0 { full } else { read_user(d, 16, src) }
+        if full != 0 {
+            full
+        } else {
+            read_user(d, 16, src)
+        }
     }
 }

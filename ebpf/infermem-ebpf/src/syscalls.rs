@@ -11,12 +11,13 @@ use aya_ebpf::{
 use infermem_common::{EventKind, LARGE_MAPPING_BYTES, Probe, ProcMemory, SyscallArgs, mmap_flags};
 
 use crate::{
-    buckets, nvidia,
+    buckets,
     kernel::{atomic_add, syscall_args, syscall_nr},
     maps::{
         SYSCALL_ARGS, bucket_policy, bump_bucket_epoch, count_event, count_map_drop, emit,
         proc_memory, stats, syscall_numbers,
     },
+    nvidia,
 };
 
 #[inline(always)]
