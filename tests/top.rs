@@ -216,7 +216,13 @@ fn assert_row_shows_memory(tmux: &Tmux, workload: &Value) {
         let (_, row) = row(s, pid)?;
         (row.contains(&weights) && row.contains(&anon)).then(|| row.to_owned())
     });
-    assert!(row.contains(" – "), "no GPU memory yet: {row:?}");
+    // The GPU column follows the anonymous memory: `-`, this process holds no GPU memory.
+    let after_anon = row.split(anon.trim()).nth(1).unwrap_or_default();
+    assert_eq!(
+        after_anon.split_whitespace().next(),
+        Some("-"),
+        "no GPU memory: {row:?}"
+    );
     assert!(
         bar_text(resident, size).starts_with('█'),
         "the weights read are resident: {workload}"
