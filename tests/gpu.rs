@@ -392,13 +392,10 @@ fn frees(agent: &Daemon, script: &mut Script, client: u32) {
     );
 }
 
-/// A second client of 8 MiB, then the program's exit: the agent drops its memory with the
-/// process (the driver frees a closed fd's clients without an ioctl).
-fn exit_releases(agent: &Daemon, mut script: Script) {
-    let client = script.ok(client());
-    assert_eq!(client, FIRST_CLIENT + 1, "the stand-in's second client");
+/// Device 0 under `client`, and `bytes` of video memory on it as `handle`, through `api`.
+fn device_with_vram(script: &mut Script, api: Api, client: u32, handle: u32, bytes: u64) {
     let device = alloc(
-        Api::Nvos21,
+        api,
         client,
         client,
         DEVICE_0,
@@ -406,16 +403,23 @@ fn exit_releases(agent: &Daemon, mut script: Script) {
         Params::Device(0),
     );
     script.ok(device);
-    let params = Params::Size(8 * MIB);
-    let vram = alloc(
-        Api::Nvos21,
+    let class = class::MEMORY_LOCAL_USER;
+    script.ok(alloc(
+        api,
         client,
         DEVICE_0,
-        VRAM_NVOS21,
-        class::MEMORY_LOCAL_USER,
-        params,
-    );
-    script.ok(vram);
+        handle,
+        class,
+        Params::Size(bytes),
+    ));
+}
+
+/// A second client of 8 MiB, then the program's exit: the agent drops its memory with the
+/// process (the driver frees a closed fd's clients without an ioctl).
+fn exit_releases(agent: &Daemon, mut script: Script) {
+    let client = script.ok(client());
+    assert_eq!(client, FIRST_CLIENT + 1, "the stand-in's second client");
+    device_with_vram(&mut script, Api::Nvos21, client, VRAM_NVOS21, 8 * MIB);
     wait_figures(agent, script.pid, &[(0, 8 * MIB, 0)]);
     let gpu = wait_status(agent, "device 0 at 8 MiB", |g| device_vram(g, 0) == 8 * MIB);
     assert_eq!(gpu["state"], "tracking", "{gpu}");
@@ -492,25 +496,7 @@ fn fds_opened_before_the_agent_started_are_found_in_proc() {
     let mut script = Script::start(&fake, version);
     let agent = agent("gpu-before", version);
     let client = script.ok(client());
-    let device = alloc(
-        Api::Nvos64,
-        client,
-        client,
-        DEVICE_0,
-        class::DEVICE,
-        Params::Device(0),
-    );
-    script.ok(device);
-    let params = Params::Size(24 * MIB);
-    let vram = alloc(
-        Api::Nvos64,
-        client,
-        DEVICE_0,
-        VRAM_NVOS64,
-        class::MEMORY_LOCAL_USER,
-        params,
-    );
-    script.ok(vram);
+    device_with_vram(&mut script, Api::Nvos64, client, VRAM_NVOS64, 24 * MIB);
     let pinned = Step::AllocMemory {
         device: 0,
         client,
