@@ -20,6 +20,9 @@
 //!   written at once.
 //! - `steady MIB`: allocates MIB, then rewrites a tenth of it every 100 ms (a server at a
 //!   constant footprint) until stdin closes.
+//! - `opens ITERATIONS`: waits, then opens `/dev/null`, asks it `FIONREAD` and closes it,
+//!   ITERATIONS times (the syscalls the NVIDIA probes look at, on a file that is not NVIDIA's,
+//!   for `cargo xtask bench overhead`); prints the elapsed nanoseconds.
 //! - `churn MIB ITERATIONS`: waits, then maps MIB of anonymous memory, writes every page and
 //!   unmaps it, ITERATIONS times (a fault-heavy load for `cargo xtask bench overhead`); prints
 //!   the elapsed nanoseconds.
@@ -59,6 +62,7 @@ fn main() {
         "storm" => storm(arg(1), number(2)),
         "hog" => hog(number(1)),
         "churn" => churn(number(1), number(2)),
+        "opens" => opens(number(1)),
         "ramp" => ramp(number(1), 1, number(2)),
         "bursty" => ramp(number(1), number(2), number(3)),
         "steady" => steady(number(1)),
@@ -73,7 +77,7 @@ fn main() {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: workload map-and-alloc FILE FILE_MIB ANON_MIB | storm FILE CHILDREN | hog MIB_PER_STEP | ramp MIB_PER_S STOP_MIB | bursty MIB_PER_S BURST_MIB STOP_MIB | steady MIB | churn MIB ITERATIONS | map-file FILE | chroot DIR | serve FILE | read FILE | nvidia-script DIR DRIVER_VERSION"
+        "usage: workload map-and-alloc FILE FILE_MIB ANON_MIB | storm FILE CHILDREN | hog MIB_PER_STEP | ramp MIB_PER_S STOP_MIB | bursty MIB_PER_S BURST_MIB STOP_MIB | steady MIB | churn MIB ITERATIONS | opens ITERATIONS | map-file FILE | chroot DIR | serve FILE | read FILE | nvidia-script DIR DRIVER_VERSION"
     );
     std::process::exit(2)
 }
@@ -268,6 +272,31 @@ fn churn(mib: usize, iterations: usize) {
         r#"{{"event":"churned","ns":{ns},"faults":{}}}"#,
         iterations * len / PAGE
     ));
+}
+
+/// Opens, queries and closes `/dev/null` `iterations` times, timed.
+fn opens(iterations: usize) {
+    say(&format!(
+        r#"{{"event":"waiting","pid":{}}}"#,
+        std::process::id()
+    ));
+    if !wait_for_line() {
+        return;
+    }
+    let path = c"/dev/null";
+    let start = std::time::Instant::now();
+    for _ in 0..iterations {
+        // SAFETY: a valid C string; the fd is ours and closed below.
+        let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        assert!(fd >= 0, "open /dev/null");
+        let mut waiting: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int; /dev/null refuses it, which costs the same path.
+        unsafe { libc::ioctl(fd, libc::FIONREAD, &mut waiting) };
+        // SAFETY: closing the fd we opened.
+        unsafe { libc::close(fd) };
+    }
+    let ns = start.elapsed().as_nanos();
+    say(&format!(r#"{{"event":"opened","ns":{ns}}}"#));
 }
 
 /// Allocates at `mib_per_s` on average, `step_mib` at a time, until `stop_mib` (0: never).

@@ -5,8 +5,10 @@
 //! interleaved rounds so that drift affects all three alike: with no tracing, with the agent
 //! (`infermem run`, all probes attached, started before the workload's go and past its
 //! start-up), and with an equivalent bpftrace program (per-pid fault and memory-syscall
-//! counting). It prints the median time of each and the ratios to the untraced run. Then a
-//! real llama.cpp generates tokens with the agent on and off (see `llama.rs`).
+//! counting). It prints the median time of each and the ratios to the untraced run. A second
+//! workload (open, ioctl, close of `/dev/null`, repeated: the syscalls the NVIDIA probes
+//! look at, on a file that is not NVIDIA's) is timed with no tracing and with the agent. Then
+//! a real llama.cpp generates tokens with the agent on and off (see `llama.rs`).
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -46,10 +48,12 @@ pub struct Options {
     llama_rounds: usize,
     /// Tokens generated per llama.cpp round.
     tokens: usize,
+    /// Iterations of the open/ioctl/close workload; 0 skips it.
+    opens: usize,
 }
 
 impl Options {
-    /// Parses `--mib N --iterations N --rounds N --llama-rounds N --tokens N`.
+    /// Parses `--mib N --iterations N --rounds N --llama-rounds N --tokens N --opens N`.
     pub fn parse(args: &[String]) -> Result<Options> {
         let mut options = Options {
             mib: 512,
@@ -57,6 +61,7 @@ impl Options {
             rounds: 7,
             llama_rounds: 8,
             tokens: 256,
+            opens: 200_000,
         };
         let mut args = args.iter();
         while let Some(flag) = args.next() {
@@ -71,6 +76,7 @@ impl Options {
                 "--rounds" => options.rounds = value,
                 "--llama-rounds" => options.llama_rounds = value,
                 "--tokens" => options.tokens = value,
+                "--opens" => options.opens = value,
                 other => bail!("unknown option {other}"),
             }
         }
@@ -110,6 +116,11 @@ pub fn run(options: &Options) -> Result<()> {
     let bins = build_release()?;
     print_machine();
     let times = fault_workload(options, &bins)?;
+    let opens = if options.opens > 0 {
+        Some(open_workload(options, &bins)?)
+    } else {
+        None
+    };
     let llama = if options.llama_rounds > 0 {
         println!(
             "llama.cpp: {} pairs of rounds of {} tokens, agent on and off",
@@ -124,6 +135,9 @@ pub fn run(options: &Options) -> Result<()> {
         None
     };
     print_fault_table(&times);
+    if let Some(opens) = &opens {
+        print_open_table(options.opens, opens);
+    }
     if let Some(figures) = &llama {
         print_llama(figures);
     }
@@ -147,7 +161,12 @@ fn fault_workload(options: &Options, bins: &Bins) -> Result<Vec<(Mode, Vec<f64>)
             // Rotate the order so no mode always runs first (cold) or last.
             for i in 0..modes.len() {
                 let mode = modes[(i + round) % modes.len()];
-                let seconds = run_once(mode, options, bins, &dir)?;
+                let churn = [
+                    "churn".to_owned(),
+                    options.mib.to_string(),
+                    options.iterations.to_string(),
+                ];
+                let seconds = run_once(mode, &churn, bins, &dir)?;
                 times
                     .iter_mut()
                     .find(|(m, _)| *m == mode)
@@ -230,14 +249,41 @@ fn print_llama(figures: &llama::Figures) {
     );
 }
 
-/// Runs the workload once under `mode`; returns its elapsed seconds.
-fn run_once(mode: Mode, options: &Options, bins: &Bins, dir: &Path) -> Result<f64> {
+/// The open/ioctl/close workload's times, untraced and with the agent, interleaved.
+fn open_workload(options: &Options, bins: &Bins) -> Result<[Vec<f64>; 2]> {
+    let dir = scratch_dir("overhead-opens")?;
+    let args = ["opens".to_owned(), options.opens.to_string()];
+    let mut times = [Vec::new(), Vec::new()];
+    for round in 0..options.rounds {
+        for i in 0..2 {
+            let slot = (i + round) % 2;
+            let mode = [Mode::Untraced, Mode::Agent][slot];
+            times[slot].push(run_once(mode, &args, bins, &dir)?);
+        }
+    }
+    Ok(times)
+}
+
+fn print_open_table(iterations: usize, [untraced, agent]: &[Vec<f64>; 2]) {
+    let (u, a) = (
+        median(untraced).unwrap_or(f64::NAN),
+        median(agent).unwrap_or(f64::NAN),
+    );
+    println!(
+        "
+open + ioctl + close of /dev/null, {iterations} times:"
+    );
+    println!("  no tracing {u:.3} s, agent {a:.3} s: ratio {:.3}", a / u);
+    println!(
+        "  per iteration: {:.0} ns more with the agent",
+        (a - u) / iterations as f64 * 1e9
+    );
+}
+
+/// Runs the workload (`args`) once under `mode`; returns its elapsed seconds.
+fn run_once(mode: Mode, args: &[String], bins: &Bins, dir: &Path) -> Result<f64> {
     let mut workload = Command::new(&bins.workload)
-        .args([
-            "churn",
-            &options.mib.to_string(),
-            &options.iterations.to_string(),
-        ])
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
