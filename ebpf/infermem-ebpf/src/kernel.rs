@@ -37,6 +37,17 @@ pub unsafe fn syscall_args(regs: *const u64) -> [u64; 6] {
     args
 }
 
+/// Reads the second syscall argument from `pt_regs`, also at syscall exit (x86_64 keeps
+/// `si`, aarch64 `x1`; only the first argument's register carries the return value).
+///
+/// # Safety
+/// As for [`syscall_args`].
+#[inline(always)]
+pub unsafe fn syscall_arg1(regs: *const u64) -> u64 {
+    // SAFETY: the slot lies inside pt_regs.
+    unsafe { bpf_probe_read_kernel(regs.add(regs::ARGS[1])) }.unwrap_or(0)
+}
+
 /// Reads the syscall number from `pt_regs`.
 ///
 /// # Safety

@@ -63,6 +63,13 @@ fn gpu_stats() -> Option<&'static mut GpuProbeStats> {
     GPU_STATS.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
+/// Whether an ioctl command is an RM escape the agent decodes (checked again at exit, from
+/// the registers, so that other ioctls skip the saved-arguments lookup).
+#[inline(always)]
+pub fn is_decoded_escape(cmd: u64) -> bool {
+    (cmd >> 8) & 0xff == NV_IOCTL_MAGIC && decoded_escape(cmd & 0xff)
+}
+
 #[inline(always)]
 fn decoded_escape(nr: u64) -> bool {
     matches!(
@@ -110,7 +117,7 @@ pub fn on_enter(tgid: u32, tid: u32, nr: u64, args: &[u64; 6]) {
     let n = syscall_numbers();
     if nr == n.ioctl {
         let cmd = args[1];
-        if (cmd >> 8) & 0xff != NV_IOCTL_MAGIC || !decoded_escape(cmd & 0xff) {
+        if !is_decoded_escape(cmd) {
             return;
         }
         if let Some(kind) = fd_kind(tgid, args[0]) {
@@ -141,7 +148,9 @@ fn forget_fd(tgid: u32, fd: u64) {
         tgid,
         fd: fd as u32,
     };
-    if NVIDIA_FDS.remove(&key).is_ok() {
+    // A lookup first: it takes no lock, and almost no closed fd is an NVIDIA fd.
+    // SAFETY: a plain lookup.
+    if unsafe { NVIDIA_FDS.get(&key) }.is_some() && NVIDIA_FDS.remove(&key).is_ok() {
         count(|s| s.fds_closed += 1);
     }
 }

@@ -12,7 +12,7 @@ use infermem_common::{EventKind, LARGE_MAPPING_BYTES, Probe, ProcMemory, Syscall
 
 use crate::{
     buckets,
-    kernel::{atomic_add, syscall_args, syscall_nr},
+    kernel::{atomic_add, syscall_arg1, syscall_args, syscall_nr},
     maps::{
         SYSCALL_ARGS, bucket_policy, bump_bucket_epoch, count_event, count_map_drop, emit,
         proc_memory, stats, syscall_numbers,
@@ -65,7 +65,11 @@ pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
     if !memory {
         // Only the calls on NVIDIA fds and paths were saved (`close` never is: it is done
         // at entry).
-        if nr == syscall_numbers().close {
+        let n = syscall_numbers();
+        // SAFETY: `regs` is the tracepoint's trusted pt_regs argument.
+        if nr == n.close
+            || (nr == n.ioctl && !nvidia::is_decoded_escape(unsafe { syscall_arg1(regs) }))
+        {
             return 0;
         }
         if let Some(saved) = SYSCALL_ARGS.get_ptr(tid) {
