@@ -37,15 +37,16 @@ pub unsafe fn syscall_args(regs: *const u64) -> [u64; 6] {
     args
 }
 
-/// Reads the second syscall argument from `pt_regs`, also at syscall exit (x86_64 keeps
-/// `si`, aarch64 `x1`; only the first argument's register carries the return value).
+/// Reads syscall argument `index` (a constant, 0 to 5) from `pt_regs`. At syscall exit the
+/// registers of arguments 1 to 5 still hold them (x86_64 keeps `si`, `dx`…; aarch64 `x1`…);
+/// only argument 0's register carries the return value on aarch64.
 ///
 /// # Safety
 /// As for [`syscall_args`].
 #[inline(always)]
-pub unsafe fn syscall_arg1(regs: *const u64) -> u64 {
+pub unsafe fn syscall_arg(regs: *const u64, index: usize) -> u64 {
     // SAFETY: the slot lies inside pt_regs.
-    unsafe { bpf_probe_read_kernel(regs.add(regs::ARGS[1])) }.unwrap_or(0)
+    unsafe { bpf_probe_read_kernel(regs.add(regs::ARGS[index])) }.unwrap_or(0)
 }
 
 /// Reads the syscall number from `pt_regs`.

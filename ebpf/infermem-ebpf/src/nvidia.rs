@@ -27,7 +27,10 @@ use infermem_common::{
     nvidia_fd,
 };
 
-use crate::maps::{SYSCALL_ARGS, syscall_numbers};
+use crate::{
+    kernel::syscall_arg,
+    maps::{SYSCALL_ARGS, syscall_numbers},
+};
 
 /// The NVIDIA fds of every process; the agent removes a process's entries when it exits.
 #[map]
@@ -113,20 +116,23 @@ fn save(tid: u32, nr: u64, args: [u64; 6]) {
 /// At syscall entry: saves what the exit needs, for NVIDIA fds and the opens of NVIDIA paths.
 // Not inlined: a separate subprogram keeps the verifier's path count linear.
 #[inline(never)]
-pub fn on_enter(tgid: u32, tid: u32, nr: u64, args: &[u64; 6]) {
+pub fn on_enter(tgid: u32, tid: u32, nr: u64, regs: *const u64) {
     let n = syscall_numbers();
+    // SAFETY: `regs` is the tracepoint's trusted pt_regs argument; indexes are constants.
+    let arg = |index: usize| unsafe { syscall_arg(regs, index) };
     if nr == n.ioctl {
-        let cmd = args[1];
+        let cmd = arg(1);
         if !is_decoded_escape(cmd) {
             return;
         }
-        if let Some(kind) = fd_kind(tgid, args[0]) {
-            save(tid, nr, [args[0], cmd, args[2], kind as u64, 0, 0]);
+        let fd = arg(0);
+        if let Some(kind) = fd_kind(tgid, fd) {
+            save(tid, nr, [fd, cmd, arg(2), kind as u64, 0, 0]);
         }
     } else if nr == n.close {
-        forget_fd(tgid, args[0]);
+        forget_fd(tgid, arg(0));
     } else if nr == n.openat || nr == n.open {
-        let path = if nr == n.openat { args[1] } else { args[0] };
+        let path = if nr == n.openat { arg(1) } else { arg(0) };
         let kind = path_kind(path);
         if kind != 0 {
             save(tid, nr, [kind as u64, 0, 0, 0, 0, 0]);
@@ -134,9 +140,9 @@ pub fn on_enter(tgid: u32, tid: u32, nr: u64, args: &[u64; 6]) {
     } else {
         // dup, dup2, dup3: dup2/dup3 close their target first.
         if nr != n.dup {
-            forget_fd(tgid, args[1]);
+            forget_fd(tgid, arg(1));
         }
-        if let Some(kind) = fd_kind(tgid, args[0]) {
+        if let Some(kind) = fd_kind(tgid, arg(0)) {
             save(tid, nr, [kind as u64, 0, 0, 0, 0, 0]);
         }
     }
@@ -162,6 +168,12 @@ fn forget_fd(tgid: u32, fd: u64) {
 #[inline(never)]
 fn path_kind(path: u64) -> u32 {
     const PREFIX: &[u8; 11] = b"/dev/nvidia";
+    // One 8-byte read settles almost every open: only "/dev/nvi…" reads the whole path.
+    let head = u64::from_le_bytes([b'/', b'd', b'e', b'v', b'/', b'n', b'v', b'i']);
+    // SAFETY: the helper tolerates bad user addresses.
+    if unsafe { bpf_probe_read_user(path as *const [u8; 8]) }.map(u64::from_le_bytes) != Ok(head) {
+        return 0;
+    }
     let mut buf = [0u8; 20];
     // SAFETY: the helper writes at most `buf.len()` bytes and tolerates bad user addresses;
     // it returns the length read, NUL included.

@@ -12,7 +12,7 @@ use infermem_common::{EventKind, LARGE_MAPPING_BYTES, Probe, ProcMemory, Syscall
 
 use crate::{
     buckets,
-    kernel::{atomic_add, syscall_arg1, syscall_args, syscall_nr},
+    kernel::{atomic_add, syscall_arg, syscall_args, syscall_nr},
     maps::{
         SYSCALL_ARGS, bucket_policy, bump_bucket_epoch, count_event, count_map_drop, emit,
         proc_memory, stats, syscall_numbers,
@@ -36,12 +36,13 @@ pub fn sys_enter(ctx: BtfTracePointContext) -> i32 {
     let regs: *const u64 = ctx.arg(0);
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    // SAFETY: `regs` is the tracepoint's trusted pt_regs argument.
-    let args = unsafe { syscall_args(regs) };
     if !memory {
-        nvidia::on_enter(tgid, tid, nr, &args);
+        // Reads only the arguments it needs: most of these calls are not NVIDIA's.
+        nvidia::on_enter(tgid, tid, nr, regs);
         return 0;
     }
+    // SAFETY: `regs` is the tracepoint's trusted pt_regs argument.
+    let args = unsafe { syscall_args(regs) };
     let saved = SyscallArgs { nr, args };
     if SYSCALL_ARGS.insert(tid, saved, 0).is_err() {
         count_map_drop(Probe::SysEnter);
@@ -68,7 +69,7 @@ pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
         let n = syscall_numbers();
         // SAFETY: `regs` is the tracepoint's trusted pt_regs argument.
         if nr == n.close
-            || (nr == n.ioctl && !nvidia::is_decoded_escape(unsafe { syscall_arg1(regs) }))
+            || (nr == n.ioctl && !nvidia::is_decoded_escape(unsafe { syscall_arg(regs, 1) }))
         {
             return 0;
         }
