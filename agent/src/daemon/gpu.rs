@@ -56,22 +56,20 @@ impl Agent {
     /// Releases the GPU memory of the processes that exited, and their NVIDIA fds in the
     /// probes' map.
     pub(super) fn gpu_exits(&self, events: &[KernelEvent]) {
-        let exited: HashSet<u32> = events
+        let exits: Vec<&KernelEvent> = events
             .iter()
             .filter(|e| matches!(e.detail, EventDetail::Exit { .. }))
-            .map(|e| e.tgid)
             .collect();
-        if exited.is_empty() {
+        if exits.is_empty() {
             return;
         }
         {
             let mut gpu = self.gpu();
-            for event in events.iter().filter(|e| exited.contains(&e.tgid)) {
-                if matches!(event.detail, EventDetail::Exit { .. }) {
-                    gpu.process_exited(event.tgid, event.time_ns);
-                }
+            for exit in &exits {
+                gpu.process_exited(exit.tgid, exit.time_ns);
             }
         }
+        let exited: HashSet<u32> = exits.iter().map(|e| e.tgid).collect();
         if let Some(mut probes) = self.probes() {
             probes.nvidia().forget_processes(&exited);
         }

@@ -2,7 +2,7 @@
 //! and the latest NVML reading; what `inspect`, `ps`, `status` and the export show.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     path::PathBuf,
 };
 
@@ -70,6 +70,8 @@ pub struct GpuState {
     partial: HashSet<u32>,
     /// Exit times (CLOCK_MONOTONIC ns) of recently exited processes.
     exits: HashMap<u32, u64>,
+    /// The processes of `exits`, oldest first (the first forgotten when it is full).
+    exit_order: VecDeque<u32>,
     nvml: Result<Nvml, String>,
     pub snapshot: Option<NvmlSnapshot>,
     /// Records too short to decode, from the ring buffer.
@@ -89,6 +91,7 @@ impl GpuState {
             objects: GpuObjects::new(),
             partial: HashSet::new(),
             exits: HashMap::new(),
+            exit_order: VecDeque::new(),
             nvml,
             snapshot: None,
             short_records: 0,
@@ -114,15 +117,22 @@ impl GpuState {
         }
     }
 
-    /// The process exited at `time_ns`: its RM clients are gone.
+    /// The process exited at `time_ns`: its RM clients are gone. Called for every exit on
+    /// the host, so it is O(1), and does nothing while no driver is decoded.
     pub fn process_exited(&mut self, tgid: u32, time_ns: u64) {
+        if !matches!(self.driver, Driver::Decoding { .. }) {
+            return;
+        }
         self.objects.process_exited(tgid);
         self.partial.remove(&tgid);
-        if self.exits.len() >= REMEMBERED_EXITS {
-            let oldest = self.exits.values().copied().min().unwrap_or(0);
-            self.exits.retain(|_, t| *t > oldest);
+        if self.exit_order.len() >= REMEMBERED_EXITS
+            && let Some(oldest) = self.exit_order.pop_front()
+        {
+            self.exits.remove(&oldest);
         }
-        self.exits.insert(tgid, time_ns);
+        if self.exits.insert(tgid, time_ns).is_none() {
+            self.exit_order.push_back(tgid);
+        }
     }
 
     /// Marks a process found holding NVIDIA fds at start.
